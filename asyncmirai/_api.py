@@ -1,0 +1,542 @@
+"""The public functions: daemons, mirai, everywhere, status and friends."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import hashlib
+import itertools
+import os
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, overload
+
+from . import _codecs, _protocol
+from ._daemon import CALL, CODE, eval_code
+from ._dispatcher import SetupItem
+from ._errors import MiraiError
+from ._handle import ERROR, VALUE, Mirai
+from ._profile import Profile, _REGISTRY_LOCK, profiles
+
+__all__ = [
+    "DaemonInfo",
+    "Daemons",
+    "Status",
+    "daemons",
+    "daemons_set",
+    "everywhere",
+    "host_url",
+    "launch_local",
+    "launch_remote",
+    "local_url",
+    "mirai",
+    "status",
+]
+
+T = TypeVar("T")
+_task_ids = itertools.count(1)
+
+
+# -- daemons ---------------------------------------------------------------------------
+class Daemons:
+    """What :func:`daemons` returns: the profile's settings, and a context manager.
+
+    ``with am.daemons(2): ...`` and ``async with am.daemons(2): ...`` reset the profile
+    on exit (the async form waits for the daemon processes without blocking the loop).
+    Compares equal to its number of local daemons.
+    """
+
+    def __init__(self, compute: str, n: int, url: str) -> None:
+        self.compute = compute
+        self.n = n
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"Daemons(compute={self.compute!r}, n={self.n}, url={self.url!r})"
+
+    def __int__(self) -> int:
+        return self.n
+
+    def __index__(self) -> int:
+        return self.n
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, int):
+            return self.n == other
+        if isinstance(other, Daemons):
+            return (self.compute, self.n, self.url) == (other.compute, other.n, other.url)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.compute, self.n, self.url))
+
+    def __enter__(self) -> Daemons:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _reset(self.compute, wait=True)
+
+    async def __aenter__(self) -> Daemons:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        reaper = _reset(self.compute, wait=False)
+        if reaper is not None:
+            import anyio
+
+            await anyio.to_thread.run_sync(reaper.join)
+
+
+def _reset(compute: str, *, wait: bool) -> threading.Thread | None:
+    with _REGISTRY_LOCK:
+        prof = profiles.pop(compute, None)
+    if prof is None:
+        return None
+    reaper = prof.close()
+    if wait and not prof.is_dispatcher_thread():
+        reaper.join(10)
+    return reaper
+
+
+@overload
+def daemons(n: int = ..., *, compute: str = ..., **kwargs: Any) -> Daemons: ...
+@overload
+def daemons(n: None = ..., *, compute: str = ..., **kwargs: Any) -> Daemons: ...
+def daemons(
+    n: int | None = None,
+    *,
+    url: str | None = None,
+    remote: Any = None,
+    compute: str = "default",
+    serial: _codecs.SerialConfig | Sequence[_codecs.SerialConfig] | None = None,
+    seed: int | None = None,
+    env: Mapping[str, str] | None = None,
+    output: bool = False,
+    maxtasks: int | None = None,
+    idletime: float | None = None,
+    walltime: float | None = None,
+    sync: bool = False,
+    cancel_grace: float = 2.0,
+    autoexit: float = 5.0,
+    liveness: float = 30.0,
+    curve: bool | None = None,
+) -> Daemons | int:
+    """Start daemons for a compute profile, or reset it with ``daemons(0)``.
+
+    Returns at once: local daemons connect in the background and tasks queue until they
+    do.  Calling it again for a profile that is set resets that profile first.
+
+    Args:
+        n: number of local daemons to start; ``0`` resets the profile (daemons exit,
+            unresolved tasks fail with :class:`DaemonError`) and returns ``0``.
+        url: listen here instead of a private ipc socket, e.g. ``"tcp://0.0.0.0:0"`` for
+            remote daemons (CurveZMQ encryption and authentication are on by default).
+        remote: a launcher (:func:`ssh_config`, :func:`cluster_config`) that starts ``n``
+            remote daemons (then no local ones are started).
+        compute: the profile's name; profiles are independent.
+        serial: :func:`serial_config` codec(s) for this profile, on host and daemons.
+        seed: make randomness reproducible: each task gets its own stream derived from
+            ``seed`` and the task's submission order, whatever the number of daemons.
+        env: environment variables set in the daemons.
+        output: forward the daemons' stdout/stderr to the host's, prefixed per daemon.
+        maxtasks / idletime / walltime: a daemon retires after that many tasks / seconds
+            idle / seconds alive (after finishing its current task); local daemons are
+            replaced so the profile keeps ``n``.
+        sync: evaluate tasks in this process at ``mirai()`` time (for debugging).
+        cancel_grace: seconds a cancelled task may take to stop before its daemon is killed.
+        autoexit: seconds a daemon survives without a connection to the host.
+        liveness: seconds without a ping before a remote daemon is declared lost.
+        curve: force CurveZMQ on or off (default: on for tcp URLs).
+
+    Raises:
+        ValueError: bad arguments.
+    """
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if not isinstance(compute, str) or not compute:
+        raise ValueError(f"compute must be a non-empty string, got {compute!r}")
+    _reset(compute, wait=True)
+    if n == 0 and url is None and not sync:
+        return 0
+    if n is None and url is None and not sync:
+        raise ValueError("daemons() needs a number of daemons, url=, or sync=True")
+    for name, v in (("maxtasks", maxtasks), ("idletime", idletime), ("walltime", walltime)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v <= 0):
+            raise ValueError(f"{name} must be a positive number, got {v!r}")
+    if url is not None and not url.startswith(("tcp://", "ipc://")):
+        raise ValueError(f"url must start with tcp:// or ipc://, got {url!r}")
+    configs = _as_configs(serial)
+    count = n or 0
+    local = 0 if remote is not None else count
+    prof = Profile(
+        compute,
+        n=local,
+        url=url,
+        serial=configs,
+        seed=seed,
+        env=env,
+        output=output,
+        maxtasks=maxtasks,
+        idletime=idletime,
+        walltime=walltime,
+        cancel_grace=cancel_grace,
+        autoexit=autoexit,
+        liveness=liveness,
+        curve=curve,
+        sync=sync,
+    )
+    with _REGISTRY_LOCK:
+        profiles[compute] = prof
+    if remote is not None and count:
+        launch_remote(count, remote=remote, compute=compute)
+    return Daemons(compute, count, prof.url)
+
+
+def _as_configs(
+    serial: _codecs.SerialConfig | Sequence[_codecs.SerialConfig] | None,
+) -> tuple[_codecs.SerialConfig, ...]:
+    if serial is None:
+        return ()
+    if isinstance(serial, _codecs.SerialConfig):
+        return (serial,)
+    out = tuple(serial)
+    for c in out:
+        if not isinstance(c, _codecs.SerialConfig):
+            raise TypeError(f"serial= takes am.serial_config(...) objects, got {type(c).__name__}")
+    return out
+
+
+def _profile(compute: str | None) -> Profile:
+    name = "default" if compute is None else compute
+    prof = profiles.get(name)
+    if prof is None:
+        raise RuntimeError(
+            f"no daemons are set for compute profile {name!r}: call am.daemons(n) first"
+        )
+    return prof
+
+
+def daemons_set(compute: str = "default") -> bool:
+    """True if daemons are set for the compute profile."""
+    return compute in profiles
+
+
+@dataclass(frozen=True)
+class DaemonInfo:
+    """One connected daemon, as seen by the dispatcher."""
+
+    pid: int
+    host: str
+    launch: str
+    busy: bool
+    tasks_done: int
+    connected_at: float
+    local: bool
+
+
+@dataclass(frozen=True)
+class Status:
+    """A snapshot of a compute profile (what :func:`status` returns).
+
+    Attributes:
+        connections: daemons connected now.
+        url: the URL daemons dial (the real port when ``:0`` was asked for).
+        awaiting: tasks queued, waiting for a daemon.
+        executing: tasks running on daemons.
+        completed: tasks that returned a value or an error since the profile started.
+        daemons: one :class:`DaemonInfo` per connected daemon.
+    """
+
+    connections: int
+    url: str
+    awaiting: int
+    executing: int
+    completed: int
+    daemons: list[DaemonInfo] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+def status(compute: str = "default") -> Status:
+    """Return a :class:`Status` snapshot of the compute profile.
+
+    Raises:
+        RuntimeError: no daemons are set for that profile.
+    """
+    raw = _profile(compute).status()
+    rows = [DaemonInfo(**r) for r in raw.pop("daemons")]
+    return Status(daemons=rows, **raw)
+
+
+def launch_local(n: int = 1, *, compute: str = "default") -> int:
+    """Start ``n`` more local daemons for a profile (e.g. one set up with ``url=``)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    prof = _profile(compute)
+    if prof.sync:
+        raise RuntimeError("launch_local() does not apply to a sync=True profile")
+    prof.launch_local(n)
+    return n
+
+
+def launch_remote(n: int = 1, *, remote: Any = None, compute: str = "default") -> list[str]:
+    """Shell commands that start ``n`` daemons for a profile elsewhere (keys included).
+
+    With ``remote`` (an :func:`ssh_config` or :func:`cluster_config`) the commands are also
+    run through that launcher.
+    """
+    import shlex
+
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    prof = _profile(compute)
+    if prof.sync:
+        raise RuntimeError("launch_remote() does not apply to a sync=True profile")
+    python = getattr(remote, "python", None) or "python3"
+    cmds = []
+    for i in range(n):
+        argv = prof.daemon_command(python=python, launch=f"remote-{os.getpid()}-{i}")
+        if remote is not None and hasattr(remote, "rewrite_url"):
+            argv[4] = remote.rewrite_url(argv[4])
+        cmds.append(shlex.join(argv))
+    if remote is not None:
+        handles = remote.launch(cmds, url=prof.url) if _takes_url(remote) else remote.launch(cmds)
+        prof.launchers.extend(handles)
+    return cmds
+
+
+def _takes_url(remote: Any) -> bool:
+    import inspect
+
+    try:
+        return "url" in inspect.signature(remote.launch).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def host_url(port: int = 0, *, ipv6: bool = False) -> str:
+    """A tcp URL on this machine's network address, for remote daemons to dial."""
+    if ipv6:
+        return f"tcp://[::]:{port}"
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        addr = "127.0.0.1"
+    return f"tcp://{addr}:{port}"
+
+
+def local_url() -> str:
+    """A fresh ipc URL in a private (0700) directory, for daemons on this machine."""
+    d = tempfile.mkdtemp(prefix="asyncmirai-url-")
+    return f"ipc://{d}/sock"
+
+
+# -- tasks -----------------------------------------------------------------------------
+def _derive_seed(seed: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _encode_call(
+    kind: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], table: _codecs.CodecTable
+) -> tuple[Any, list[Any], list[Any]]:
+    try:
+        return _codecs.dumps((kind, fn, args, kwargs), table)
+    except Exception as exc:
+        what = _culprit(fn, args, kwargs, table)
+        raise TypeError(f"mirai(): cannot serialize {what}: {exc}") from exc
+
+
+def _culprit(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], table: Any) -> str:
+    """Name the argument that fails to serialize (only on the error path)."""
+    parts: list[tuple[str, Any]] = [("the function", fn)]
+    parts += [(f"positional argument {i}", a) for i, a in enumerate(args)]
+    parts += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    for label, obj in parts:
+        try:
+            _codecs.dumps(obj, table)
+        except Exception:
+            return f"{label} (an object of type {type(obj).__qualname__})"
+    return "the call"
+
+
+def mirai(
+    fn: Callable[..., T] | str,
+    /,
+    *args: Any,
+    _timeout: float | None = None,
+    _compute: str | None = None,
+    _retries: int = 0,
+    **kwargs: Any,
+) -> Mirai[T]:
+    """Run ``fn(*args, **kwargs)`` on a daemon; return a :class:`Mirai` handle at once.
+
+    ``fn`` may be a lambda, a closure, a class or function from ``__main__`` or a notebook,
+    or an ``async def`` function (the daemon awaits it).  ``fn`` may also be a string of
+    Python code (statements allowed), evaluated in a fresh namespace holding ``kwargs``;
+    the value is that of its last expression: ``mirai("x + y", x=1, y=2)``.
+
+    Args:
+        _timeout: seconds; then the handle raises :class:`MiraiTimeout` and the work is
+            cancelled on the daemon.
+        _compute: the compute profile (default ``"default"``).
+        _retries: re-queue the task up to this many times if its daemon dies.
+
+    Raises:
+        TypeError: the function or an argument cannot be serialized (nothing was sent).
+        RuntimeError: no daemons are set for the profile.
+    """
+    prof = _profile(_compute)
+    if isinstance(fn, str):
+        if args:
+            raise TypeError("mirai(code_string, ...) takes named objects only (x=1, ...)")
+        kind: int = CODE
+    elif callable(fn):
+        kind = CALL
+    else:
+        raise TypeError(f"mirai() takes a callable or a code string, not {type(fn).__name__}")
+    if _timeout is not None and (isinstance(_timeout, bool) or not _timeout > 0):
+        raise ValueError(f"_timeout must be a positive number of seconds, got {_timeout!r}")
+    if not isinstance(_retries, int) or _retries < 0:
+        raise ValueError(f"_retries must be a non-negative int, got {_retries!r}")
+    tid = next(_task_ids)
+    if prof.sync:
+        return _run_sync(prof, tid, kind, fn, args, kwargs)
+    index = next(prof.task_index)
+    body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table)
+    extra = None if prof.seed is None else {"seed": _derive_seed(prof.seed, index)}
+    frames = _protocol.encode(_protocol.Task(tid, body, desc, bufs, extra))
+    m: Mirai[T] = Mirai(tid, prof, frames, _retries, _timeout)
+    prof.submit(m)
+    return m
+
+
+def _run_sync(
+    prof: Profile, tid: int, kind: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Mirai[Any]:
+    """sync=True: evaluate in this process now, same handle semantics."""
+    from ._daemon import error_record
+
+    index = next(prof.task_index)
+    m: Mirai[Any] = Mirai(tid, None)
+    _codecs.dumps((fn, args, kwargs), prof.table)  # same "fails at mirai()" contract
+    try:
+        if prof.seed is not None:
+            import random
+
+            random.seed(_derive_seed(prof.seed, index))
+        if kind == CODE:
+            value = eval_code(fn, dict(kwargs))
+        else:
+            value = fn(*args, **kwargs)
+            if asyncio.iscoroutine(value):
+                value = _run_coroutine(value)
+    except Exception as exc:
+        name, message, tb, _ = error_record(exc)
+        err = MiraiError(name, message, tb)
+        err.__cause__ = exc
+        m._resolve(ERROR, err)
+    else:
+        m._resolve(VALUE, value)
+    return m
+
+
+def _run_coroutine(coro: Any) -> Any:
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append((True, asyncio.run(coro)))
+        except BaseException as exc:
+            box.append((False, exc))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+class Everywhere(Mirai[list[Any]]):
+    """Handle of an :func:`everywhere` call: resolves to one result per daemon."""
+
+    __slots__ = ()
+
+
+def everywhere(
+    fn: Callable[..., Any] | str,
+    /,
+    *args: Any,
+    _serial: _codecs.SerialConfig | Sequence[_codecs.SerialConfig] | None = None,
+    _compute: str | None = None,
+    **kwargs: Any,
+) -> Mirai[list[Any]]:
+    """Run ``fn(*args, **kwargs)`` on every connected daemon, and on every daemon that
+    connects later or is respawned (replayed in call order before any task).
+
+    Returns a handle that resolves to the list of per-daemon results once every daemon
+    connected now (or, before any connects, each of the profile's local daemons) ran it;
+    it raises :class:`MiraiError` if the call failed on one.
+
+    Args:
+        _serial: :func:`serial_config` codec(s) to register on the host and all daemons
+            first.
+        _compute: the compute profile.
+    """
+    prof = _profile(_compute)
+    configs = _as_configs(_serial)
+    if isinstance(fn, str):
+        if args:
+            raise TypeError("everywhere(code_string, ...) takes named objects only")
+        kind: int = CODE
+    elif callable(fn):
+        kind = CALL
+    else:
+        raise TypeError(f"everywhere() takes a callable or a code string, not {type(fn).__name__}")
+    if prof.sync:
+        if configs:
+            prof.table = prof.table.extend(configs)
+        m = _run_sync(prof, next(_task_ids), kind, fn, args, kwargs)
+        h: Mirai[list[Any]] = Everywhere(m.id, None)
+        if m._state == VALUE:
+            h._resolve(VALUE, [m._value])
+        else:
+            h._resolve(m._state, m._value)
+        return h
+    if configs:
+        from ._daemon import register_serial
+
+        prof.table = prof.table.extend(configs)
+        _everywhere(prof, CALL, register_serial, (configs,), {})
+    return _everywhere(prof, kind, fn, args, kwargs)
+
+
+def _everywhere(
+    prof: Profile, kind: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Mirai[list[Any]]:
+    tid = next(_task_ids)
+    body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table)
+    frames = _protocol.encode(_protocol.Setup(tid, body, desc, bufs))
+    h: Mirai[list[Any]] = Everywhere(tid, prof)
+    prof.everywhere(SetupItem(tid, frames, h, prof.n_local))
+    return h
+
+
+@atexit.register
+def _reset_all() -> None:
+    for name in list(profiles):
+        try:
+            _reset(name, wait=True)
+        except Exception:  # interpreter teardown: do what we can
+            print(f"asyncmirai: could not reset profile {name!r} at exit", file=sys.stderr)
+
+
+def _iter_profiles() -> Iterable[str]:
+    return list(profiles)

@@ -1,0 +1,442 @@
+"""The daemon: a persistent process that dials the host and evaluates tasks.
+
+Started as a fresh interpreter (``python -m asyncmirai daemon URL``) for local, ssh and
+cluster launches alike.  Two DEALER sockets dial the host's ROUTER:
+
+* the *task* socket, owned by the main thread: tasks in, results out.  Calls run in the
+  main thread so a cancel can interrupt them with a real signal (``time.sleep`` and
+  blocking I/O wake up; pure Python loops see it at the next bytecode).
+* the *control* socket, owned by a control thread: cancels in, pings out, and the
+  host-liveness watch (a socket monitor): when the connection to the host is gone for
+  ``autoexit`` seconds the daemon exits, so remote daemons never outlive their host.
+  Local daemons also ask the kernel to kill them when their parent dies
+  (``PR_SET_PDEATHSIG``), which covers a host killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import ctypes
+import inspect
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from . import _codecs, _protocol
+from ._errors import RemoteProtocolError
+from ._protocol import (
+    Cancel,
+    Cancelled,
+    Exit,
+    Hello,
+    Ping,
+    Refuse,
+    Result,
+    Retire,
+    Setup,
+    Task,
+    Welcome,
+)
+
+__all__ = ["main", "register_serial", "run_daemon"]
+
+#: Exit codes a daemon uses, so the host can say why one went away.
+EXIT_OK = 0
+EXIT_REFUSED = 3
+EXIT_HOST_GONE = 4
+
+# Payload kinds inside a task body (see ``_payload``).
+CALL, CODE = 0, 1
+
+
+class _HostCancel(BaseException):
+    """Raised in the main thread by the SIGINT handler when the host cancels the task.
+
+    A BaseException so that ``except Exception`` in user code does not swallow it.
+    """
+
+
+def eval_code(code: str, namespace: dict[str, Any]) -> Any:
+    """Run ``code`` (statements allowed) in ``namespace``; return the last expression's value."""
+    tree = ast.parse(code, "<mirai>", "exec")
+    last: ast.Expression | None = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    if tree.body:
+        exec(compile(tree, "<mirai>", "exec"), namespace)
+    if last is not None:
+        return eval(compile(last, "<mirai>", "eval"), namespace)
+    return None
+
+
+def error_record(exc: BaseException) -> tuple[str, str, str, bytes | None]:
+    """Describe an exception for the host: (type name, message, traceback, pickled or None)."""
+    t = type(exc)
+    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    tb = "".join(traceback.format_exception(t, exc, exc.__traceback__))
+    try:
+        import cloudpickle
+
+        blob: bytes | None = cloudpickle.dumps(exc, protocol=5)
+    except Exception:
+        blob = None
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<unprintable>"
+    return (name, message, tb, blob)
+
+
+def _set_pdeathsig(parent: int) -> None:
+    """Ask Linux to SIGKILL us when the process that started us dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(EXIT_HOST_GONE)
+
+
+_CURRENT: Daemon | None = None
+
+
+def register_serial(configs: Sequence[_codecs.SerialConfig]) -> None:
+    """Setup call sent by ``everywhere(_serial=...)``: extend this daemon's codec table."""
+    d = _CURRENT
+    if d is not None:
+        d.table = d.table.extend(configs)
+
+
+class Daemon:
+    """One daemon process's state.  Create, then :meth:`run` (blocks until exit)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        launch: str = "",
+        autoexit: float = 5.0,
+        ping: float = 1.0,
+        curve: tuple[bytes, bytes, bytes] | None = None,
+    ) -> None:
+        self.url = url
+        self.launch = launch
+        self.autoexit = autoexit
+        self.ping_interval = ping
+        self.ctx = zmq.Context()
+        token = os.urandom(8)
+        self.token = token
+        self.task_sock = self._dial(b"t" + token, curve)
+        self.ctrl_sock = self._dial(b"c" + token, curve)
+        self.monitor = self.ctrl_sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+        )
+        self.table = _codecs.DEFAULT_TABLE
+        self.lock = threading.Lock()
+        self.current: int | None = None  # task id running in the main thread
+        self.cancel_target: int | None = None
+        self.precancelled: set[int] = set()
+        self.async_task: asyncio.Task[Any] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.main_ident = threading.get_ident()
+        self.maxtasks: int | None = None
+        self.idletime: float | None = None
+        self.walltime: float | None = None
+        self.done = 0
+        self.started = time.monotonic()
+
+    def _dial(self, ident: bytes, curve: tuple[bytes, bytes, bytes] | None) -> zmq.Socket[Any]:
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.ROUTING_ID, ident)
+        s.setsockopt(zmq.LINGER, 2000)
+        s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(3000, int(self.autoexit * 1000)))
+        s.setsockopt(zmq.RECONNECT_IVL, 100)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if curve is not None:
+            server_key, public, secret = curve
+            s.curve_serverkey = server_key
+            s.curve_publickey = public
+            s.curve_secretkey = secret
+        if self.url.startswith("tcp://[") or "::" in self.url:
+            s.setsockopt(zmq.IPV6, 1)
+        s.connect(self.url)
+        return s
+
+    # -- control thread ------------------------------------------------------------
+    def _ctrl_loop(self) -> None:
+        ctrl, mon = self.ctrl_sock, self.monitor
+        poller = zmq.Poller()
+        poller.register(ctrl, zmq.POLLIN)
+        poller.register(mon, zmq.POLLIN)
+        ctrl.send_multipart(_protocol.encode(self._hello("ctrl")))
+        gone_since: float | None = time.monotonic()
+        next_ping = 0.0
+        period = max(50, int(min(self.ping_interval, self.autoexit / 4) * 1000))
+        while True:
+            events = dict(poller.poll(period))
+            now = time.monotonic()
+            if mon in events:
+                while mon.poll(0):
+                    ev = mon.recv_multipart()
+                    code = int.from_bytes(ev[0][:2], "little")
+                    if code == zmq.EVENT_CONNECTED:
+                        gone_since = None
+                    elif code == zmq.EVENT_DISCONNECTED and gone_since is None:
+                        gone_since = now
+            if ctrl in events:
+                while ctrl.poll(0):
+                    frames = ctrl.recv_multipart()
+                    try:
+                        msg = _protocol.decode(frames)
+                    except RemoteProtocolError:
+                        continue
+                    if isinstance(msg, Cancel):
+                        self._on_cancel(msg.id)
+                    elif isinstance(msg, Exit | Refuse):
+                        os._exit(EXIT_OK if isinstance(msg, Exit) else EXIT_REFUSED)
+            if gone_since is not None and now - gone_since > self.autoexit:
+                os._exit(EXIT_HOST_GONE)
+            if now >= next_ping:
+                ctrl.send_multipart(_protocol.encode(Ping()))
+                next_ping = now + self.ping_interval
+
+    def _on_cancel(self, task_id: int) -> None:
+        with self.lock:
+            if self.current == task_id:
+                if self.async_task is not None and self.loop is not None:
+                    self.loop.call_soon_threadsafe(self.async_task.cancel)
+                else:
+                    self.cancel_target = task_id
+                    signal.pthread_kill(self.main_ident, signal.SIGINT)
+            else:
+                if len(self.precancelled) > 10_000:  # stale ids of tasks that finished
+                    self.precancelled.clear()
+                self.precancelled.add(task_id)
+
+    def _sigint(self, signum: int, frame: Any) -> None:
+        # Runs in the main thread between bytecodes.  Only a cancel aimed at the task that
+        # is running *now* raises; a late signal for a finished task is ignored.
+        if self.cancel_target is not None and self.cancel_target == self.current:
+            self.cancel_target = None
+            raise _HostCancel()
+
+    # -- main thread ---------------------------------------------------------------
+    def _hello(self, role: str) -> Hello:
+        return Hello(os.getpid(), socket.gethostname(), role, self.token, self.launch)
+
+    def _configure(self, body: bytes) -> None:
+        cfg = pickle.loads(body)
+        serial = cfg.get("serial") or ()
+        if serial:
+            self.table = _codecs.CodecTable(serial)
+        os.environ.update(cfg.get("env") or {})
+        self.maxtasks = cfg.get("maxtasks")
+        self.idletime = cfg.get("idletime")
+        self.walltime = cfg.get("walltime")
+
+    def run(self) -> int:
+        """Handshake, then evaluate tasks until told to exit.  Returns the exit code."""
+        global _CURRENT
+        _CURRENT = self
+        signal.signal(signal.SIGINT, self._sigint)
+        sock = self.task_sock
+        sock.send_multipart(_protocol.encode(self._hello("task")))
+        threading.Thread(target=self._ctrl_loop, name="asyncmirai-ctrl", daemon=True).start()
+        while True:  # handshake
+            msg = _protocol.decode(sock.recv_multipart())
+            if isinstance(msg, Welcome):
+                self._configure(msg.body)
+                break
+            if isinstance(msg, Refuse):
+                print(f"asyncmirai daemon: refused by host: {msg.reason}", file=sys.stderr)
+                return EXIT_REFUSED
+            if isinstance(msg, Exit):
+                return EXIT_OK
+        idle_ms = -1 if self.idletime is None else int(self.idletime * 1000)
+        while True:
+            if idle_ms >= 0 and not sock.poll(idle_ms):
+                self._retire("idletime")
+                return EXIT_OK
+            frames = sock.recv_multipart(copy=False)
+            try:
+                msg = _protocol.decode([f.buffer for f in frames])
+            except RemoteProtocolError as exc:
+                print(f"asyncmirai daemon: dropped a bad message: {exc}", file=sys.stderr)
+                continue
+            if isinstance(msg, Task):
+                self._run_task(msg)
+                self.done += 1
+                why = self._retire_reason()
+                if why:
+                    self._retire(why)
+                    return EXIT_OK
+            elif isinstance(msg, Setup):
+                self._run_setup(msg)
+            elif isinstance(msg, Exit):
+                return EXIT_OK
+            elif isinstance(msg, Cancel):
+                self._on_cancel(msg.id)
+
+    def _retire_reason(self) -> str:
+        if self.maxtasks is not None and self.done >= self.maxtasks:
+            return "maxtasks"
+        if self.walltime is not None and time.monotonic() - self.started >= self.walltime:
+            return "walltime"
+        return ""
+
+    def _retire(self, reason: str) -> None:
+        self.task_sock.send_multipart(_protocol.encode(Retire(reason)))
+
+    def _payload(self, body: Any, descriptors: list[Any], buffers: Sequence[Any]) -> Any:
+        kind, fn, args, kwargs = _codecs.loads(body, descriptors, buffers, self.table)
+        if kind == CODE:
+            return eval_code(fn, dict(kwargs))
+        result = fn(*args, **kwargs)
+        if inspect.isawaitable(result):
+            return self._await(result)
+        return result
+
+    def _await(self, awaitable: Any) -> Any:
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+        loop = self.loop
+
+        async def runner() -> Any:
+            return await awaitable
+
+        task = loop.create_task(runner())
+        with self.lock:
+            self.async_task = task
+        try:
+            return loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if self.current is not None and task.cancelled():
+                raise _HostCancel() from None
+            raise
+        finally:
+            with self.lock:
+                self.async_task = None
+
+    def _apply_seed(self, seed: Any) -> None:
+        if seed is None:
+            return
+        import random
+
+        random.seed(seed)
+        np = sys.modules.get("numpy")
+        if np is not None:
+            np.random.seed(seed % (1 << 32))
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.manual_seed(seed)
+
+    def _run_task(self, msg: Task) -> None:
+        tid = msg.id
+        with self.lock:
+            if tid in self.precancelled:
+                self.precancelled.discard(tid)
+                self.task_sock.send_multipart(_protocol.encode(Cancelled(tid)))
+                return
+            self.current = tid
+        try:
+            try:
+                if msg.extra:
+                    self._apply_seed(msg.extra.get("seed"))
+                value = self._payload(msg.body, msg.descriptors, msg.buffers)
+                ok = True
+            except _HostCancel:
+                raise
+            except BaseException as exc:  # the user's error, whatever it is
+                value, ok = error_record(exc), False
+            with self.lock:
+                self.current = None
+                self.cancel_target = None
+        except _HostCancel:
+            with self.lock:
+                self.current = None
+                self.cancel_target = None
+            self.task_sock.send_multipart(_protocol.encode(Cancelled(tid)))
+            return
+        self._reply(tid, ok, value)
+
+    def _run_setup(self, msg: Setup) -> None:
+        try:
+            value, ok = self._payload(msg.body, msg.descriptors, msg.buffers), True
+        except BaseException as exc:
+            value, ok = error_record(exc), False
+        self._reply(msg.id, ok, value)
+
+    def _reply(self, tid: int, ok: bool, value: Any) -> None:
+        try:
+            body, desc, bufs = _codecs.dumps(value, self.table)
+        except BaseException as exc:
+            err = TypeError(f"result of type {type(value).__qualname__} cannot be serialized: {exc}")
+            body, desc, bufs = _codecs.dumps(error_record(err), _codecs.DEFAULT_TABLE)
+            ok = False
+        frames = _protocol.encode(Result(tid, ok, body, desc, bufs))
+        self.task_sock.send_multipart(frames, copy=False)
+
+
+def run_daemon(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m asyncmirai daemon``; returns the exit code."""
+    p = argparse.ArgumentParser(
+        prog="python -m asyncmirai daemon",
+        description="Start an asyncmirai daemon that dials the host at URL and runs its tasks.",
+    )
+    p.add_argument("url", help="host URL, e.g. ipc:///tmp/x/sock or tcp://10.0.0.1:5555")
+    p.add_argument("--launch", default="", help="launch id given by the host (bookkeeping)")
+    p.add_argument(
+        "--parent", type=int, default=0, help="pid of the local host: exit when it dies"
+    )
+    p.add_argument(
+        "--autoexit",
+        type=float,
+        default=5.0,
+        help="seconds without a connection to the host before exiting (default 5)",
+    )
+    p.add_argument("--ping", type=float, default=1.0, help="seconds between liveness pings")
+    p.add_argument("--curve-server-key", help="host's CurveZMQ public key (Z85)")
+    p.add_argument("--curve-public-key", help="this daemon's CurveZMQ public key (Z85)")
+    p.add_argument("--curve-secret-key", help="this daemon's CurveZMQ secret key (Z85)")
+    args = p.parse_args(argv)
+    if args.parent:
+        _set_pdeathsig(args.parent)
+    curve = None
+    keys = (args.curve_server_key, args.curve_public_key, args.curve_secret_key)
+    if any(keys):
+        if not all(keys):
+            p.error("--curve-server-key, --curve-public-key and --curve-secret-key go together")
+        curve = (keys[0].encode(), keys[1].encode(), keys[2].encode())
+    d = Daemon(args.url, launch=args.launch, autoexit=args.autoexit, ping=args.ping, curve=curve)
+    code = d.run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: the host may already be gone and zmq's linger must not
+    # keep us alive; results were flushed by LINGER on close.
+    d.task_sock.close(linger=1000)
+    os._exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m asyncmirai`` dispatcher for sub-commands."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m asyncmirai daemon URL [options]   (see: daemon --help)")
+        return 0 if argv else 2
+    if argv[0] == "daemon":
+        return run_daemon(argv[1:])
+    print(f"unknown command {argv[0]!r}; try: python -m asyncmirai daemon --help", file=sys.stderr)
+    return 2

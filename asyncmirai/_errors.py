@@ -1,0 +1,65 @@
+"""The exceptions asyncmirai raises, in one place (httpcore's ``_exceptions`` habit)."""
+
+from __future__ import annotations
+
+__all__ = [
+    "DaemonError",
+    "LocalProtocolError",
+    "MiraiCancelled",
+    "MiraiError",
+    "MiraiTimeout",
+    "ProtocolError",
+    "RemoteProtocolError",
+]
+
+
+class MiraiError(Exception):
+    """The task's function raised on the daemon.
+
+    Attributes:
+        type_name: qualified name of the remote exception's type, e.g. ``"builtins.ValueError"``.
+        message: ``str()`` of the remote exception.
+        remote_traceback: the formatted traceback, as text, from the daemon.
+
+    The original exception is this error's ``__cause__`` when it could be unpickled on the
+    host.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[type[MiraiError], tuple[str, str, str]]:
+        return (type(self), (self.type_name, self.message, self.remote_traceback))
+
+    def __str__(self) -> str:
+        base = f"{self.type_name}: {self.message}" if self.message else self.type_name
+        if self.remote_traceback:
+            return f"{base}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
+        return base
+
+
+class DaemonError(Exception):
+    """The daemon running the task died, or the profile was reset, before it resolved."""
+
+
+class MiraiTimeout(TimeoutError):
+    """The task's ``_timeout`` elapsed; the work was cancelled on the daemon."""
+
+
+class MiraiCancelled(Exception):
+    """Raised by ``Mirai.result()`` (and executors) for a cancelled task."""
+
+
+class ProtocolError(Exception):
+    """A message did not follow the asyncmirai wire protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to encode something the protocol cannot carry (our caller's fault)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer sent frames that do not decode (the peer's fault): dropped and logged."""

@@ -1,0 +1,241 @@
+"""``Mirai``: the awaitable handle of one task, resolved exactly once.
+
+A handle is resolved on the dispatcher's thread and may be awaited from any asyncio or
+trio loop on any thread, or waited on with ``.result()`` from plain threads.  The first
+resolution wins (value, error, timeout or cancel); every later one is ignored, which is
+what makes "a cancel racing completion resolves one way only" true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._errors import MiraiCancelled
+
+if TYPE_CHECKING:
+    from ._dispatcher import DaemonConn
+    from ._profile import Profile
+
+__all__ = ["Mirai"]
+
+T = TypeVar("T")
+
+PENDING, VALUE, ERROR, CANCELLED = 0, 1, 2, 3
+
+# One lock for all handles: held for a few instructions, never while calling out.
+_LOCK = threading.Lock()
+
+
+def _set_future(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Mirai(Generic[T]):
+    """Handle of a task running on a daemon: ``await`` it, or call :meth:`result`.
+
+    Awaiting works from asyncio and trio, from the loop that started the profile and from
+    other loops and threads.  Cancelling the awaiting task cancels the task on the daemon.
+    """
+
+    __slots__ = (
+        "id",
+        "_state",
+        "_value",
+        "_callbacks",
+        "_profile",
+        "frames",
+        "retries",
+        "timeout",
+        "timer",
+        "daemon",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        id: int,
+        profile: Profile | None,
+        frames: list[Any] | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+    ) -> None:
+        self.id = id
+        self._state = PENDING
+        self._value: Any = None
+        self._callbacks: list[Callable[[Mirai[Any]], None]] | None = []
+        self._profile = profile
+        self.frames = frames
+        self.retries = retries
+        self.timeout = timeout
+        self.timer: asyncio.TimerHandle | None = None
+        self.daemon: DaemonConn | None = None
+
+    def __repr__(self) -> str:
+        state = ("pending", "resolved", "errored", "cancelled")[self._state]
+        return f"<Mirai id={self.id} {state}>"
+
+    # -- resolution (dispatcher side) ----------------------------------------------
+    def _resolve(self, state: int, value: Any) -> bool:
+        """Resolve once; returns False (and changes nothing) if already resolved."""
+        with _LOCK:
+            if self._state != PENDING:
+                return False
+            self._state = state
+            self._value = value
+            callbacks = self._callbacks
+            self._callbacks = None
+        self.frames = None  # release argument buffers
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+        if callbacks:
+            for cb in callbacks:
+                try:
+                    cb(self)
+                except Exception:  # a waiter's loop may be closed: not our problem
+                    pass
+        return True
+
+    def add_done_callback(self, fn: Callable[[Mirai[T]], None]) -> None:
+        """Call ``fn(self)`` once resolved (at once if already), on the resolving thread."""
+        with _LOCK:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)  # type: ignore[arg-type]
+                return
+        fn(self)
+
+    # -- inspection ----------------------------------------------------------------
+    def done(self) -> bool:
+        """True once the task has a value, an error, or was cancelled."""
+        return self._state != PENDING
+
+    def cancelled(self) -> bool:
+        """True if the task was cancelled."""
+        return self._state == CANCELLED
+
+    def _outcome(self) -> T:
+        state = self._state
+        if state == VALUE:
+            return self._value  # type: ignore[no-any-return]
+        if state == CANCELLED:
+            raise MiraiCancelled(f"mirai {self.id} was cancelled")
+        raise self._value
+
+    def _check_not_dispatcher_thread(self) -> None:
+        prof = self._profile
+        if prof is not None and prof.is_dispatcher_thread():
+            raise RuntimeError(
+                "Mirai.result() was called on the thread that runs the dispatcher's event "
+                "loop, so it could never resolve: use `await m` there instead"
+            )
+
+    def result(self, timeout: float | None = None) -> T:
+        """Block until resolved and return the value (for sync code and other threads).
+
+        Raises:
+            MiraiError: the function raised on the daemon.
+            DaemonError: the daemon died or the profile was reset.
+            MiraiTimeout: the task's ``_timeout`` elapsed.
+            MiraiCancelled: the task was cancelled.
+            TimeoutError: ``timeout`` elapsed first (the task goes on).
+            RuntimeError: called on the dispatcher's own loop thread (would deadlock).
+        """
+        if self._state == PENDING:
+            self._check_not_dispatcher_thread()
+            event = threading.Event()
+            self.add_done_callback(lambda _: event.set())
+            if not event.wait(timeout):
+                raise TimeoutError(f"mirai {self.id} not resolved within {timeout} s")
+        return self._outcome()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait like :meth:`result`; return the error instead of raising it (None if ok).
+
+        Raises:
+            MiraiCancelled: the task was cancelled.
+        """
+        try:
+            self.result(timeout)
+        except MiraiCancelled:
+            raise
+        except TimeoutError as exc:
+            if self._state == PENDING:
+                raise
+            return exc
+        except Exception as exc:
+            return exc
+        return None
+
+    def cancel(self) -> bool:
+        """Cancel the task: dequeue it, or interrupt it on its daemon (which survives).
+
+        Returns True if this call cancelled it, False if it had already resolved.
+        """
+        if self._state != PENDING:
+            return False
+        prof = self._profile
+        if prof is None:
+            return self._resolve(CANCELLED, None)
+        return prof.cancel(self)
+
+    # -- awaiting ------------------------------------------------------------------
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> T:
+        if self._state == PENDING:
+            import sniffio
+
+            lib = sniffio.current_async_library()
+            try:
+                if lib == "asyncio":
+                    await self._wait_asyncio()
+                elif lib == "trio":
+                    await self._wait_trio()
+                else:  # pragma: no cover - other anyio backends
+                    raise RuntimeError(f"cannot await a Mirai from {lib!r}")
+            except BaseException:
+                # The awaiting task was cancelled (or interrupted): cancel the work too.
+                if self._state == PENDING:
+                    self.cancel()
+                raise
+        if self._state == CANCELLED:
+            import sniffio
+
+            if sniffio.current_async_library() == "asyncio":
+                raise asyncio.CancelledError(f"mirai {self.id} was cancelled")
+        return self._outcome()
+
+    async def _wait_asyncio(self) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        tid = threading.get_ident()
+
+        def wake(_: Mirai[Any]) -> None:
+            if threading.get_ident() == tid:
+                _set_future(fut)
+            else:
+                loop.call_soon_threadsafe(_set_future, fut)
+
+        self.add_done_callback(wake)
+        await fut
+
+    async def _wait_trio(self) -> None:
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+        event = trio.Event()
+
+        def wake(_: Mirai[Any]) -> None:
+            try:
+                token.run_sync_soon(event.set)
+            except trio.RunFinishedError:
+                pass
+
+        self.add_done_callback(wake)
+        await event.wait()
