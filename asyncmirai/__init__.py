@@ -3,46 +3,71 @@
 A port of R's ``mirai``: ``am.daemons(4)`` starts background processes, ``await
 am.mirai(fn, x)`` runs ``fn(x)`` on one of them.  Tensors and arrays, alone or deep inside
 models and optimizer states, travel as zero-copy ZeroMQ frames.
+
+Public names are loaded on first use (PEP 562), so ``import asyncmirai`` stays light and
+``python -m asyncmirai daemon`` starts without loading the host-side machinery.
 """
 
-from ._api import (
-    DaemonInfo,
-    Daemons,
-    Status,
-    daemons,
-    daemons_set,
-    everywhere,
-    host_url,
-    launch_local,
-    launch_remote,
-    local_url,
-    mirai,
-    status,
-)
-from ._codecs import SerialConfig, serial_config
-from ._errors import DaemonError, MiraiCancelled, MiraiError, MiraiTimeout
-from ._handle import Mirai
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DaemonError",
-    "DaemonInfo",
-    "Daemons",
-    "Mirai",
-    "MiraiCancelled",
-    "MiraiError",
-    "MiraiTimeout",
-    "SerialConfig",
-    "Status",
-    "daemons",
-    "daemons_set",
-    "everywhere",
-    "host_url",
-    "launch_local",
-    "launch_remote",
-    "local_url",
-    "mirai",
-    "serial_config",
-    "status",
-]
+# public name -> private module that defines it
+_EXPORTS = {
+    "DaemonInfo": "_api",
+    "Daemons": "_api",
+    "Status": "_api",
+    "daemons": "_api",
+    "daemons_set": "_api",
+    "everywhere": "_api",
+    "host_url": "_api",
+    "launch_local": "_api",
+    "launch_remote": "_api",
+    "local_url": "_api",
+    "mirai": "_api",
+    "status": "_api",
+    "SerialConfig": "_codecs",
+    "serial_config": "_codecs",
+    "DaemonError": "_errors",
+    "MiraiCancelled": "_errors",
+    "MiraiError": "_errors",
+    "MiraiTimeout": "_errors",
+    "Mirai": "_handle",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from ._api import (
+        DaemonInfo,
+        Daemons,
+        Status,
+        daemons,
+        daemons_set,
+        everywhere,
+        host_url,
+        launch_local,
+        launch_remote,
+        local_url,
+        mirai,
+        status,
+    )
+    from ._codecs import SerialConfig, serial_config
+    from ._errors import DaemonError, MiraiCancelled, MiraiError, MiraiTimeout
+    from ._handle import Mirai
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'asyncmirai' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

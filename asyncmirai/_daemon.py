@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-import asyncio
 import ctypes
-import inspect
 import os
 import pickle
 import signal
@@ -148,8 +146,8 @@ class Daemon:
         self.current: int | None = None  # task id running in the main thread
         self.cancel_target: int | None = None
         self.precancelled: set[int] = set()
-        self.async_task: asyncio.Task[Any] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.async_task: Any = None  # asyncio.Task of a running coroutine
+        self.loop: Any = None  # asyncio loop, created on first coroutine
         self.main_ident = threading.get_ident()
         self.maxtasks: int | None = None
         self.idletime: float | None = None
@@ -305,11 +303,13 @@ class Daemon:
         if kind == CODE:
             return eval_code(fn, dict(kwargs))
         result = fn(*args, **kwargs)
-        if inspect.isawaitable(result):
+        if hasattr(result, "__await__"):
             return self._await(result)
         return result
 
     def _await(self, awaitable: Any) -> Any:
+        import asyncio
+
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
         loop = self.loop
