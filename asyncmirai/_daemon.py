@@ -153,6 +153,7 @@ class Daemon:
         self.idletime: float | None = None
         self.walltime: float | None = None
         self.done = 0
+        self.retiring = False
         self.started = time.monotonic()
 
     def _dial(self, ident: bytes, curve: tuple[bytes, bytes, bytes] | None) -> zmq.Socket[Any]:
@@ -203,8 +204,8 @@ class Daemon:
                         continue
                     if isinstance(msg, Cancel):
                         self._on_cancel(msg.id)
-                    elif isinstance(msg, Exit | Refuse):
-                        os._exit(EXIT_OK if isinstance(msg, Exit) else EXIT_REFUSED)
+                    elif isinstance(msg, Exit):
+                        os._exit(EXIT_OK)
             if gone_since is not None and now - gone_since > self.autoexit:
                 os._exit(EXIT_HOST_GONE)
             if now >= next_ping:
@@ -233,7 +234,14 @@ class Daemon:
 
     # -- main thread ---------------------------------------------------------------
     def _hello(self, role: str) -> Hello:
-        return Hello(os.getpid(), socket.gethostname(), role, self.token, self.launch)
+        return Hello(
+            os.getpid(),
+            socket.gethostname(),
+            role,
+            self.token,
+            self.launch,
+            _protocol.PROTOCOL_VERSION,
+        )
 
     def _configure(self, body: bytes) -> None:
         cfg = pickle.loads(body)
@@ -265,9 +273,9 @@ class Daemon:
                 return EXIT_OK
         idle_ms = -1 if self.idletime is None else int(self.idletime * 1000)
         while True:
-            if idle_ms >= 0 and not sock.poll(idle_ms):
+            if idle_ms >= 0 and not self.retiring and not sock.poll(idle_ms):
                 self._retire("idletime")
-                return EXIT_OK
+                continue
             frames = sock.recv_multipart(copy=False)
             try:
                 msg = _protocol.decode([f.buffer for f in frames])
@@ -276,19 +284,18 @@ class Daemon:
                 continue
             if isinstance(msg, Task):
                 self._run_task(msg)
-                self.done += 1
-                why = self._retire_reason()
-                if why:
-                    self._retire(why)
-                    return EXIT_OK
             elif isinstance(msg, Setup):
                 self._run_setup(msg)
             elif isinstance(msg, Exit):
+                # After a Retire the host answers Exit; tasks it sent before seeing the
+                # Retire arrive first (one ordered socket), so none is dropped.
                 return EXIT_OK
             elif isinstance(msg, Cancel):
                 self._on_cancel(msg.id)
 
     def _retire_reason(self) -> str:
+        if self.retiring:
+            return ""
         if self.maxtasks is not None and self.done >= self.maxtasks:
             return "maxtasks"
         if self.walltime is not None and time.monotonic() - self.started >= self.walltime:
@@ -296,6 +303,8 @@ class Daemon:
         return ""
 
     def _retire(self, reason: str) -> None:
+        """Tell the host we retire; keep serving until it answers Exit."""
+        self.retiring = True
         self.task_sock.send_multipart(_protocol.encode(Retire(reason)))
 
     def _payload(self, body: Any, descriptors: list[Any], buffers: Sequence[Any]) -> Any:
@@ -368,9 +377,18 @@ class Daemon:
             with self.lock:
                 self.current = None
                 self.cancel_target = None
+            self.done += 1
+            self._maybe_retire()
             self.task_sock.send_multipart(_protocol.encode(Cancelled(tid)))
             return
+        self.done += 1
+        self._maybe_retire()  # before the reply, so the host never sends us another task
         self._reply(tid, ok, value)
+
+    def _maybe_retire(self) -> None:
+        why = self._retire_reason()
+        if why:
+            self._retire(why)
 
     def _run_setup(self, msg: Setup) -> None:
         try:

@@ -345,6 +345,10 @@ class Dispatcher:
                 d.retiring = True
                 if d in self.idle:
                     self.idle.remove(d)
+                try:  # on the task socket: after any task already sent to it
+                    self._send([d.ident, *_protocol.encode(Exit("retired"))])
+                except zmq.ZMQError:
+                    pass
                 if d.task is None:
                     self._lost(d, f"retired ({msg.reason})")  # type: ignore[union-attr]
                 return

@@ -261,6 +261,8 @@ def decode(frames: Sequence[Any]) -> Message:
         raise _bad("header fields have wrong types")
     if kind == _HELLO:
         return _decode_hello(version, extra)
+    if kind == _REFUSE:  # readable by every version: it is how a mismatch is reported
+        return Refuse(str(extra))
     if version != PROTOCOL_VERSION:
         raise _bad(f"protocol version {version} (this side speaks {PROTOCOL_VERSION})")
     if descriptors is not None and type(descriptors) is not list:
@@ -289,8 +291,6 @@ def decode(frames: Sequence[Any]) -> Message:
         if n < 2:
             raise _bad("welcome without a body")
         return Welcome(bytes(frames[1]))
-    if kind == _REFUSE:
-        return Refuse(str(extra))
     if kind == _EXIT:
         return Exit(str(extra or ""))
     if kind == _OUTPUT:

@@ -57,3 +57,36 @@ def touch(path: str) -> str:
 def pid_and_state(key: str, seconds: float = 0.0) -> tuple[int, Any]:
     time.sleep(seconds)
     return os.getpid(), STATE.get(key)
+
+
+def die(how: str) -> None:
+    import ctypes
+    import signal
+
+    if how == "exit":
+        os._exit(7)
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "segv":
+        ctypes.string_at(0)
+    raise ValueError(how)
+
+
+def stubborn(seconds: float) -> str:
+    """Swallows every interrupt: only a kill stops it."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.05)
+        except BaseException:
+            pass
+    return "finished"
+
+
+def die_once(flag_path: str) -> str:
+    """Crash the first time (per flag file), succeed on retry."""
+    if not os.path.exists(flag_path):
+        with open(flag_path, "w") as f:
+            f.write("x")
+        os._exit(9)
+    return "second try"
