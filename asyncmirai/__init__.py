@@ -36,6 +36,15 @@ _EXPORTS = {
     "MiraiError": "_errors",
     "MiraiTimeout": "_errors",
     "Mirai": "_handle",
+    "MiraiMap": "_map",
+    "as_completed": "_map",
+    "collect": "_map",
+    "mirai_map": "_map",
+    "race": "_map",
+    "MiraiExecutor": "_executor",
+    "executor": "_executor",
+    "cluster_config": "launchers",
+    "ssh_config": "launchers",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -57,7 +66,10 @@ if TYPE_CHECKING:
     )
     from ._codecs import SerialConfig, serial_config
     from ._errors import DaemonError, MiraiCancelled, MiraiError, MiraiTimeout
+    from ._executor import MiraiExecutor, executor
     from ._handle import Mirai
+    from ._map import MiraiMap, as_completed, collect, mirai_map, race
+    from .launchers import cluster_config, ssh_config
 
 
 def __getattr__(name: str) -> Any:

@@ -47,7 +47,7 @@ from ._protocol import (
     Welcome,
 )
 
-__all__ = ["main", "register_serial", "run_daemon"]
+__all__ = ["main", "register_serial", "run_chunk", "run_daemon"]
 
 #: Exit codes a daemon uses, so the host can say why one went away.
 EXIT_OK = 0
@@ -94,6 +94,19 @@ def error_record(exc: BaseException) -> tuple[str, str, str, bytes | None]:
     except Exception:
         message = "<unprintable>"
     return (name, message, tb, blob)
+
+
+def run_chunk(
+    fn: Any, chunk: Sequence[tuple[Any, ...]], kwargs: dict[str, Any]
+) -> list[tuple[bool, Any]]:
+    """Evaluate ``fn`` over a chunk of ``mirai_map`` rows: ``(ok, value or error record)``."""
+    out: list[tuple[bool, Any]] = []
+    for row in chunk:
+        try:
+            out.append((True, fn(*row, **kwargs)))
+        except Exception as exc:  # one element's error does not sink the chunk
+            out.append((False, error_record(exc)))
+    return out
 
 
 def _set_pdeathsig(parent: int) -> None:
