@@ -410,7 +410,7 @@ def mirai(
     index = next(prof.task_index)
     body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table)
     extra = None if prof.seed is None else {"seed": _derive_seed(prof.seed, index)}
-    frames = _protocol.encode(_protocol.Task(tid, body, desc, bufs, extra))
+    frames = _protocol.encode_task(tid, body, desc, bufs, extra)
     m: Mirai[T] = Mirai(tid, prof, frames, _retries, _timeout)
     prof.submit(m)
     return m

@@ -289,9 +289,11 @@ class Daemon:
             if idle_ms >= 0 and not self.retiring and not sock.poll(idle_ms):
                 self._retire("idletime")
                 continue
-            frames = sock.recv_multipart(copy=False)
+            frames: list[Any] = [sock.recv()]  # small header: a copy is cheapest
+            while sock.getsockopt(zmq.RCVMORE):  # body and tensor frames: zero copy
+                frames.append(sock.recv(copy=False).buffer)
             try:
-                msg = _protocol.decode([f.buffer for f in frames])
+                msg = _protocol.decode(frames)
             except RemoteProtocolError as exc:
                 print(f"asyncmirai daemon: dropped a bad message: {exc}", file=sys.stderr)
                 continue
@@ -417,8 +419,11 @@ class Daemon:
             err = TypeError(f"result of type {type(value).__qualname__} cannot be serialized: {exc}")
             body, desc, bufs = _codecs.dumps(error_record(err), _codecs.DEFAULT_TABLE)
             ok = False
-        frames = _protocol.encode(Result(tid, ok, body, desc, bufs))
-        self.task_sock.send_multipart(frames, copy=False)
+        frames = _protocol.encode_result(tid, ok, body, desc, bufs)
+        if len(frames) == 1:
+            self.task_sock.send(frames[0])
+        else:
+            self.task_sock.send_multipart(frames, copy=False)
 
 
 def run_daemon(argv: Sequence[str] | None = None) -> int:

@@ -48,6 +48,8 @@ _Again = zmq.Again
 _NOBLOCK = zmq.NOBLOCK
 _POLLIN = zmq.POLLIN
 _EVENTS = zmq.EVENTS
+_RCVMORE = zmq.RCVMORE
+_SNDMORE = zmq.SNDMORE
 
 
 class DaemonConn:
@@ -165,7 +167,9 @@ class Dispatcher:
         self.url = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sock = sock
         self._send = sock.send_multipart
-        self._recv = sock.recv_multipart
+        self._send_one = sock.send
+        self._recv_one = sock.recv
+        self._getsockopt = sock.getsockopt
         self.queue: deque[Mirai[Any]] = deque()
         self.idle: list[DaemonConn] = []
         self.daemons: dict[bytes, DaemonConn] = {}  # by token
@@ -199,8 +203,14 @@ class Dispatcher:
     def _send_task(self, d: DaemonConn, m: Mirai[Any]) -> None:
         d.task = m
         m.daemon = d
+        frames = m.frames
+        assert frames is not None
         try:
-            self._send([d.ident, *m.frames], copy=False)  # type: ignore[misc]
+            if len(frames) == 1:  # small task: identity + one header frame
+                self._send_one(d.ident, _SNDMORE)
+                self._send_one(frames[0])
+            else:
+                self._send([d.ident, *frames], copy=False)
         except zmq.ZMQError as exc:  # peer vanished (ROUTER_MANDATORY): requeue
             d.task = None
             m.daemon = None
@@ -297,8 +307,9 @@ class Dispatcher:
     # -- receiving -----------------------------------------------------------------
     def _schedule_check(self) -> None:
         # The zmq FD is edge-triggered and a send can consume the edge of an incoming
-        # message, so after sending we look at EVENTS once on the next loop turn.
-        if not self._check_scheduled:
+        # message, so after sending we look at EVENTS; only if a message is waiting do we
+        # schedule a read (cheaper than an unconditional extra loop turn).
+        if not self._check_scheduled and self._getsockopt(_EVENTS) & _POLLIN:
             self._check_scheduled = True
             self.loop.call_soon(self._on_readable)
 
@@ -306,27 +317,32 @@ class Dispatcher:
         self._check_scheduled = False
         if self.closed:
             return
-        recv = self._recv
+        recv = self._recv_one
+        get = self._getsockopt
         handle = self._handle
         for _ in range(10_000):  # bounded so one busy socket cannot starve the loop
             try:
-                frames = recv(_NOBLOCK, copy=False)
-            except _Again:
-                return
-            except zmq.ZMQError as exc:  # pragma: no cover - socket closed under us
+                if not get(_EVENTS) & _POLLIN:
+                    return
+                # Multipart messages arrive atomically: all parts are here once the first is.
+                ident = recv(_NOBLOCK)
+                frames: list[Any] = [recv(_NOBLOCK)]
+                while get(_RCVMORE):  # body and tensor frames: zero copy
+                    frames.append(recv(_NOBLOCK, copy=False).buffer)
+            except zmq.ZMQError as exc:  # socket closed under us
                 log.debug("recv failed: %s", exc)
                 return
             try:
-                handle(frames)
+                handle(ident, frames)
             except Exception:  # never let one message kill the dispatcher
                 log.exception("asyncmirai dispatcher: error handling a message")
-        self._schedule_check()
+        self._check_scheduled = True
+        self.loop.call_soon(self._on_readable)
 
-    def _handle(self, frames: list[Any]) -> None:
-        ident = frames[0].bytes
+    def _handle(self, ident: bytes, frames: list[Any]) -> None:
         d = self.by_ident.get(ident)
         try:
-            msg = _protocol.decode([f.buffer for f in frames[1:]])
+            msg = _protocol.decode(frames)
         except RemoteProtocolError as exc:
             log.warning("asyncmirai: dropped a malformed message from %r: %s", ident, exc)
             return

@@ -54,10 +54,16 @@ def test_roundtrip(msg: p.Message) -> None:
 def test_payload_buffers_are_passed_through_without_copy() -> None:
     buf = bytearray(b"x" * 1000)
     frames = p.encode(p.Task(1, b"b", [], [memoryview(buf)]))
-    assert frames[2].obj is buf  # type: ignore[union-attr]
+    assert len(frames) == 2  # small body inline in the header, then the buffer
+    assert frames[1].obj is buf  # type: ignore[union-attr]
     received = [memoryview(bytearray(bytes(f))) for f in frames]
     msg = p.decode(received)
-    assert isinstance(msg, p.Task) and msg.buffers[0] is received[2]
+    assert isinstance(msg, p.Task) and msg.buffers[0] is received[1]
+    big = b"y" * (p.INLINE_BODY_BYTES + 1)
+    frames = p.encode(p.Result(2, True, big, [], [memoryview(buf)]))
+    assert len(frames) == 3 and frames[1] is big
+    back = p.decode(frames)
+    assert isinstance(back, p.Result) and back.body is big and back.buffers[0].obj is buf
 
 
 def test_messages_are_frozen() -> None:
@@ -72,7 +78,7 @@ def test_hello_of_another_version_still_decodes_so_it_can_be_refused() -> None:
 
 
 def test_other_version_payload_is_refused() -> None:
-    head = msgpack.packb([99, 4, 1, None, None])
+    head = msgpack.packb([99, 4, 1, None, None, None])
     with pytest.raises(RemoteProtocolError, match="version"):
         p.decode([head, b"body"])
 
@@ -88,18 +94,20 @@ def test_refuse_is_readable_across_versions() -> None:
         ([], "empty"),
         ([b"\xc1"], "msgpack"),
         ([b""], "msgpack"),
-        ([msgpack.packb({"a": 1})], "5-item"),
-        ([msgpack.packb([1, 2, 3])], "5-item"),
-        ([msgpack.packb([1, "4", 1, None, None])], "types"),
-        ([msgpack.packb([1, 4, 1, None, None])], "body"),
-        ([msgpack.packb([1, 4, 1, "notalist", None]), b""], "descriptors"),
-        ([msgpack.packb([1, 5, 1, None, "yes"]), b""], "ok flag"),
-        ([msgpack.packb([1, 99, 1, None, None])], "unknown"),
+        ([msgpack.packb({"a": 1})], "6-item"),
+        ([msgpack.packb([1, 2, 3])], "6-item"),
+        ([msgpack.packb([1, 4, 1, None, None])], "6-item"),
+        ([msgpack.packb([1, 4, 1, None, None, "str"])], "inline body"),
+        ([msgpack.packb([1, "4", 1, None, None, None])], "types"),
+        ([msgpack.packb([1, 4, 1, None, None, None])], "body"),
+        ([msgpack.packb([1, 4, 1, "notalist", None, None]), b""], "descriptors"),
+        ([msgpack.packb([1, 5, 1, None, "yes", None]), b""], "ok flag"),
+        ([msgpack.packb([1, 99, 1, None, None, None])], "unknown"),
         ([msgpack.packb([1, 1, 0, None, [1, 2]])], "hello"),
         ([msgpack.packb([1, 1, 0, None, ["x", "h", "task", b"t", ""]])], "hello"),
-        ([msgpack.packb([1, 11, 0, None, "stdin"]), b""], "output"),
+        ([msgpack.packb([1, 11, 0, None, "stdin", None]), b""], "output"),
         ([b"x" * (p.MAX_HEADER_BYTES + 1)], "too large"),
-        ([msgpack.packb([1, 10, 0, None, None])] * (p.MAX_BUFFERS + 3), "too many"),
+        ([msgpack.packb([1, 10, 0, None, None, None])] * (p.MAX_BUFFERS + 3), "too many"),
         ([12345], "bytes-like"),
     ],
 )
