@@ -124,6 +124,7 @@ def daemons(
     autoexit: float = 5.0,
     liveness: float = 30.0,
     curve: bool | None = None,
+    transport: str = "pipe",
 ) -> Daemons | int:
     """Start daemons for a compute profile, or reset it with ``daemons(0)``.
 
@@ -151,6 +152,9 @@ def daemons(
         autoexit: seconds a daemon survives without a connection to the host.
         liveness: seconds without a ping before a remote daemon is declared lost.
         curve: force CurveZMQ on or off (default: on for tcp URLs).
+        transport: how local daemons talk to the dispatcher: ``"pipe"`` (a socketpair
+            each, the fastest on one machine) or ``"zmq"`` (they dial the profile's URL
+            like remote daemons).  Remote daemons always use ZeroMQ.
 
     Raises:
         ValueError: bad arguments.
@@ -167,6 +171,8 @@ def daemons(
     for name, v in (("maxtasks", maxtasks), ("idletime", idletime), ("walltime", walltime)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v <= 0):
             raise ValueError(f"{name} must be a positive number, got {v!r}")
+    if transport not in ("pipe", "zmq"):
+        raise ValueError(f"transport must be 'pipe' or 'zmq', got {transport!r}")
     if url is not None and not url.startswith(("tcp://", "ipc://")):
         raise ValueError(f"url must start with tcp:// or ipc://, got {url!r}")
     configs = _as_configs(serial)
@@ -188,6 +194,7 @@ def daemons(
         liveness=liveness,
         curve=curve,
         sync=sync,
+        transport=transport,
     )
     with _REGISTRY_LOCK:
         profiles[compute] = prof

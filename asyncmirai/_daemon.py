@@ -27,12 +27,13 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Union
 
 import zmq
 
 from . import _codecs, _protocol
 from ._errors import RemoteProtocolError
+from ._transport import BlockingChannel
 from ._protocol import (
     Cancel,
     Cancelled,
@@ -120,6 +121,40 @@ def _set_pdeathsig(parent: int) -> None:
         os._exit(EXIT_HOST_GONE)
 
 
+class _ZmqEnd:
+    """The daemon's task socket when it dials the host over ZeroMQ."""
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self.sock = sock
+
+    def send(self, frames: Sequence[Any]) -> None:
+        if len(frames) == 1:
+            self.sock.send(frames[0])
+        else:
+            self.sock.send_multipart(frames, copy=False)
+
+    def recv(self) -> list[Any]:
+        sock = self.sock
+        frames: list[Any] = [sock.recv()]  # small header: a copy is cheapest
+        while sock.getsockopt(zmq.RCVMORE):  # body and tensor frames: zero copy
+            frames.append(sock.recv(copy=False).buffer)
+        return frames
+
+    def poll(self, timeout: float | None) -> bool:
+        return bool(self.sock.poll(None if timeout is None else int(timeout * 1000)))
+
+    def close(self) -> None:
+        self.sock.close(linger=1000)
+
+
+class _ChannelEnd(BlockingChannel):
+    """The daemon's task socketpair end (local daemons)."""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_End = Union[_ZmqEnd, _ChannelEnd]
 _CURRENT: Daemon | None = None
 
 
@@ -146,14 +181,20 @@ class Daemon:
         self.launch = launch
         self.autoexit = autoexit
         self.ping_interval = ping
-        self.ctx = zmq.Context()
         token = os.urandom(8)
         self.token = token
-        self.task_sock = self._dial(b"t" + token, curve)
-        self.ctrl_sock = self._dial(b"c" + token, curve)
-        self.monitor = self.ctrl_sock.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-        )
+        self.ctx: zmq.Context[Any] | None = None
+        self.ctrl_sock: zmq.Socket[Any] | None = None
+        self.ctrl_channel: BlockingChannel | None = None
+        self.task: _End
+        if url.startswith("fd://"):  # local daemon: socketpairs inherited from the host
+            task_fd, ctrl_fd = (int(x) for x in url[len("fd://") :].split("/"))
+            self.task = _ChannelEnd(socket.socket(fileno=task_fd))
+            self.ctrl_channel = BlockingChannel(socket.socket(fileno=ctrl_fd))
+        else:
+            self.ctx = zmq.Context()
+            self.task = _ZmqEnd(self._dial(b"t" + token, curve))
+            self.ctrl_sock = self._dial(b"c" + token, curve)
         self.table = _codecs.DEFAULT_TABLE
         self.lock = threading.Lock()
         self.current: int | None = None  # task id running in the main thread
@@ -170,6 +211,7 @@ class Daemon:
         self.started = time.monotonic()
 
     def _dial(self, ident: bytes, curve: tuple[bytes, bytes, bytes] | None) -> zmq.Socket[Any]:
+        assert self.ctx is not None
         s = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.ROUTING_ID, ident)
         s.setsockopt(zmq.LINGER, 2000)
@@ -188,8 +230,31 @@ class Daemon:
         return s
 
     # -- control thread ------------------------------------------------------------
+    def _ctrl_loop_channel(self) -> None:
+        """Control path of a local daemon: end of stream means the host is gone."""
+        ch = self.ctrl_channel
+        assert ch is not None
+        ch.send(_protocol.encode(self._hello("ctrl")))
+        while True:
+            try:
+                frames = ch.recv()
+            except (EOFError, OSError, RemoteProtocolError):
+                os._exit(EXIT_HOST_GONE)
+            try:
+                msg = _protocol.decode(frames)
+            except RemoteProtocolError:
+                continue
+            if isinstance(msg, Cancel):
+                self._on_cancel(msg.id)
+            elif isinstance(msg, Exit):
+                os._exit(EXIT_OK)
+
     def _ctrl_loop(self) -> None:
-        ctrl, mon = self.ctrl_sock, self.monitor
+        if self.ctrl_channel is not None:
+            return self._ctrl_loop_channel()
+        ctrl = self.ctrl_sock
+        assert ctrl is not None
+        mon = ctrl.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         poller = zmq.Poller()
         poller.register(ctrl, zmq.POLLIN)
         poller.register(mon, zmq.POLLIN)
@@ -271,11 +336,11 @@ class Daemon:
         global _CURRENT
         _CURRENT = self
         signal.signal(signal.SIGINT, self._sigint)
-        sock = self.task_sock
-        sock.send_multipart(_protocol.encode(self._hello("task")))
+        end = self.task
+        end.send(_protocol.encode(self._hello("task")))
         threading.Thread(target=self._ctrl_loop, name="asyncmirai-ctrl", daemon=True).start()
         while True:  # handshake
-            msg = _protocol.decode(sock.recv_multipart())
+            msg = _protocol.decode(end.recv())
             if isinstance(msg, Welcome):
                 self._configure(msg.body)
                 break
@@ -284,14 +349,15 @@ class Daemon:
                 return EXIT_REFUSED
             if isinstance(msg, Exit):
                 return EXIT_OK
-        idle_ms = -1 if self.idletime is None else int(self.idletime * 1000)
+        idle = self.idletime
         while True:
-            if idle_ms >= 0 and not self.retiring and not sock.poll(idle_ms):
+            if idle is not None and not self.retiring and not end.poll(idle):
                 self._retire("idletime")
                 continue
-            frames: list[Any] = [sock.recv()]  # small header: a copy is cheapest
-            while sock.getsockopt(zmq.RCVMORE):  # body and tensor frames: zero copy
-                frames.append(sock.recv(copy=False).buffer)
+            try:
+                frames = end.recv()
+            except EOFError:
+                return EXIT_HOST_GONE
             try:
                 msg = _protocol.decode(frames)
             except RemoteProtocolError as exc:
@@ -320,7 +386,7 @@ class Daemon:
     def _retire(self, reason: str) -> None:
         """Tell the host we retire; keep serving until it answers Exit."""
         self.retiring = True
-        self.task_sock.send_multipart(_protocol.encode(Retire(reason)))
+        self.task.send(_protocol.encode(Retire(reason)))
 
     def _payload(self, body: Any, descriptors: list[Any], buffers: Sequence[Any]) -> Any:
         kind, fn, args, kwargs = _codecs.loads(body, descriptors, buffers, self.table)
@@ -372,7 +438,7 @@ class Daemon:
         with self.lock:
             if tid in self.precancelled:
                 self.precancelled.discard(tid)
-                self.task_sock.send_multipart(_protocol.encode(Cancelled(tid)))
+                self.task.send(_protocol.encode(Cancelled(tid)))
                 return
             self.current = tid
         try:
@@ -394,7 +460,7 @@ class Daemon:
                 self.cancel_target = None
             self.done += 1
             self._maybe_retire()
-            self.task_sock.send_multipart(_protocol.encode(Cancelled(tid)))
+            self.task.send(_protocol.encode(Cancelled(tid)))
             return
         self.done += 1
         self._maybe_retire()  # before the reply, so the host never sends us another task
@@ -419,11 +485,7 @@ class Daemon:
             err = TypeError(f"result of type {type(value).__qualname__} cannot be serialized: {exc}")
             body, desc, bufs = _codecs.dumps(error_record(err), _codecs.DEFAULT_TABLE)
             ok = False
-        frames = _protocol.encode_result(tid, ok, body, desc, bufs)
-        if len(frames) == 1:
-            self.task_sock.send(frames[0])
-        else:
-            self.task_sock.send_multipart(frames, copy=False)
+        self.task.send(_protocol.encode_result(tid, ok, body, desc, bufs))
 
 
 def run_daemon(argv: Sequence[str] | None = None) -> int:
@@ -462,7 +524,7 @@ def run_daemon(argv: Sequence[str] | None = None) -> int:
     sys.stderr.flush()
     # Skip interpreter teardown: the host may already be gone and zmq's linger must not
     # keep us alive; results were flushed by LINGER on close.
-    d.task_sock.close(linger=1000)
+    d.task.close()
     os._exit(code)
 
 

@@ -26,6 +26,7 @@ import zmq
 from . import _codecs, _protocol
 from ._errors import DaemonError, MiraiError, MiraiTimeout, RemoteProtocolError
 from ._handle import CANCELLED, ERROR, VALUE, Mirai
+from ._transport import LoopChannel
 from ._protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -175,6 +176,7 @@ class Dispatcher:
         self.daemons: dict[bytes, DaemonConn] = {}  # by token
         self.by_ident: dict[bytes, DaemonConn] = {}  # task and ctrl identities
         self.setups: list[SetupItem] = []
+        self.channels: dict[bytes, LoopChannel] = {}  # local daemons' socketpairs
         self.setup_ids: dict[int, SetupItem] = {}
         self.expected_local = 0
         self.completed = 0
@@ -183,6 +185,41 @@ class Dispatcher:
         self._fd = sock.getsockopt(zmq.FD)
         loop.add_reader(self._fd, self._on_readable)
         self._liveness_timer = loop.call_later(1.0, self._liveness_tick)
+
+    # -- sending -------------------------------------------------------------------
+    def add_channel(self, ch: LoopChannel) -> None:
+        """Register a local daemon's socketpair end (messages arrive as from the ROUTER)."""
+        self.channels[ch.ident] = ch
+
+    def on_channel_message(self, ident: bytes, frames: list[Any]) -> None:
+        """A message from a local daemon's socketpair."""
+        if self.closed:
+            return
+        try:
+            self._handle(ident, frames)
+        except Exception:  # never let one message kill the dispatcher
+            log.exception("asyncmirai dispatcher: error handling a message")
+
+    def channel_closed(self, ch: LoopChannel) -> None:
+        """A socketpair reached end of stream: the process exit watcher does the rest."""
+        self.channels.pop(ch.ident, None)
+
+    def _to(self, ident: bytes, frames: list[Any]) -> bool:
+        """Send one message to a daemon socket; False if that peer is gone."""
+        ch = self.channels.get(ident)
+        if ch is not None:
+            return ch.send(frames)
+        try:
+            if len(frames) == 1:  # small message: identity + one header frame
+                self._send_one(ident, _SNDMORE)
+                self._send_one(frames[0])
+            else:
+                self._send([ident, *frames], copy=False)
+        except zmq.ZMQError:  # unknown or vanished peer (ROUTER_MANDATORY)
+            return False
+        finally:
+            self._schedule_check()
+        return True
 
     # -- submission ----------------------------------------------------------------
     def submit(self, m: Mirai[Any]) -> None:
@@ -205,19 +242,11 @@ class Dispatcher:
         m.daemon = d
         frames = m.frames
         assert frames is not None
-        try:
-            if len(frames) == 1:  # small task: identity + one header frame
-                self._send_one(d.ident, _SNDMORE)
-                self._send_one(frames[0])
-            else:
-                self._send([d.ident, *frames], copy=False)
-        except zmq.ZMQError as exc:  # peer vanished (ROUTER_MANDATORY): requeue
+        if not self._to(d.ident, frames):  # peer vanished: requeue, forget the daemon
             d.task = None
             m.daemon = None
             self.queue.appendleft(m)
-            self._lost(d, f"send failed: {exc}")
-            return
-        self._schedule_check()
+            self._lost(d, "send failed")
 
     def _pump(self) -> None:
         """Hand queued tasks to idle daemons."""
@@ -251,11 +280,7 @@ class Dispatcher:
         d = m.daemon
         if d is not None and d.task is m and d.alive:
             target = d.ctrl_ident or d.ident
-            try:
-                self._send([target, *_protocol.encode(Cancel(m.id))])
-            except zmq.ZMQError:
-                pass
-            self._schedule_check()
+            self._to(target, _protocol.encode(Cancel(m.id)))
             d.cancel_timer = self.loop.call_later(self.cancel_grace, self._cancel_overdue, d, m)
 
     def _on_timeout(self, m: Mirai[Any]) -> None:
@@ -275,10 +300,7 @@ class Dispatcher:
         if self.on_kill is not None:
             self.on_kill(d)
         if d.ctrl_ident:
-            try:
-                self._send([d.ctrl_ident, *_protocol.encode(Exit("cancel overdue"))])
-            except zmq.ZMQError:
-                pass
+            self._to(d.ctrl_ident, _protocol.encode(Exit("cancel overdue")))
         if not d.local:
             self._lost(d, "killed after an overdue cancel")
 
@@ -298,11 +320,8 @@ class Dispatcher:
             self.idle.remove(d)
         d.setups_pending += 1
         item.waiting.add(d.token)
-        try:
-            self._send([d.ident, *item.frames], copy=False)
-        except zmq.ZMQError as exc:
-            self._lost(d, f"send failed: {exc}")
-        self._schedule_check()
+        if not self._to(d.ident, item.frames):
+            self._lost(d, "send failed")
 
     # -- receiving -----------------------------------------------------------------
     def _schedule_check(self) -> None:
@@ -361,10 +380,8 @@ class Dispatcher:
                 d.retiring = True
                 if d in self.idle:
                     self.idle.remove(d)
-                try:  # on the task socket: after any task already sent to it
-                    self._send([d.ident, *_protocol.encode(Exit("retired"))])
-                except zmq.ZMQError:
-                    pass
+                # on the task socket: after any task already sent to it
+                self._to(d.ident, _protocol.encode(Exit("retired")))
                 if d.task is None:
                     self._lost(d, f"retired ({msg.reason})")  # type: ignore[union-attr]
                 return
@@ -384,10 +401,7 @@ class Dispatcher:
                 f"{PROTOCOL_VERSION}; install the same asyncmirai version on both sides"
             )
             log.error("asyncmirai: refused daemon pid %s on %s: %s", msg.pid, msg.host, reason)
-            try:
-                self._send([ident, *_protocol.encode(Refuse(reason))])
-            except zmq.ZMQError:
-                pass
+            self._to(ident, _protocol.encode(Refuse(reason)))
             return
         if self.closed:
             return
@@ -405,9 +419,7 @@ class Dispatcher:
         d.ident = ident
         d.connected_at = time.time()
         d.local = self.is_local(d)
-        try:
-            self._send([ident, *_protocol.encode(Welcome(self.welcome))])
-        except zmq.ZMQError:
+        if not self._to(ident, _protocol.encode(Welcome(self.welcome))):
             return
         for item in self.setups:  # replay everywhere() calls, in order
             if item.need_more > 0 and not item.handle.done():
@@ -415,10 +427,7 @@ class Dispatcher:
                 self._send_setup(d, item)
             else:
                 d.setups_pending += 1
-                try:
-                    self._send([ident, *item.frames], copy=False)
-                except zmq.ZMQError:
-                    pass
+                self._to(ident, item.frames)
         self._make_idle(d)
         self._schedule_check()
 
@@ -569,15 +578,15 @@ class Dispatcher:
                 m._resolve(ERROR, DaemonError(err))
             for ident in (d.ctrl_ident, d.ident):
                 if ident:
-                    try:
-                        self._send([ident, *_protocol.encode(Exit(reason))], _NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
+                    self._to(ident, _protocol.encode(Exit(reason)))
             if d.cancel_timer is not None:
                 d.cancel_timer.cancel()
         for item in self.setups:
             item.handle._resolve(ERROR, DaemonError(err))
         self._liveness_timer.cancel()
+        for ch in list(self.channels.values()):
+            ch.close()
+        self.channels.clear()
         try:
             self.loop.remove_reader(self._fd)
         except Exception:  # the loop may be closed already

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from ._dispatcher import DaemonConn, Dispatcher, SetupItem
 from ._errors import DaemonError
 from ._handle import ERROR, Mirai
 from ._protocol import Output
+from ._transport import LoopChannel
 
 __all__ = ["LocalProcess", "Profile", "profiles"]
 
@@ -90,8 +92,10 @@ class Profile:
         liveness: float,
         curve: bool | None,
         sync: bool = False,
+        transport: str = "pipe",
     ) -> None:
         self.compute = compute
+        self.transport = transport
         self.n_local = n
         self.sync = sync
         self.seed = seed
@@ -217,13 +221,15 @@ class Profile:
         cfg = {"serial": self.serial, "env": self.env, **self.options}
         return bytes(cloudpickle.dumps(cfg, protocol=5))
 
-    def daemon_command(self, *, python: str | None = None, launch: str = "") -> list[str]:
+    def daemon_command(
+        self, *, python: str | None = None, launch: str = "", url: str | None = None
+    ) -> list[str]:
         """argv that starts one daemon for this profile (keys included for tcp)."""
-        argv = [python or sys.executable, "-m", "asyncmirai", "daemon", self.url]
+        argv = [python or sys.executable, "-m", "asyncmirai", "daemon", url or self.url]
         if launch:
             argv += ["--launch", launch]
         argv += ["--autoexit", str(self.autoexit)]
-        if self.curve_server is not None and self.curve_client is not None:
+        if self.curve_server is not None and self.curve_client is not None and url is None:
             argv += [
                 "--curve-server-key",
                 self.curve_server[0].decode(),
@@ -245,7 +251,14 @@ class Profile:
         for _ in range(k):
             index = next(_launch_ids)
             launch = f"local-{index}"
-            argv = self.daemon_command(launch=launch)
+            pass_fds: tuple[int, ...] = ()
+            pairs: list[tuple[socket.socket, socket.socket]] = []
+            if self.transport == "pipe":
+                pairs = [socket.socketpair(), socket.socketpair()]
+                pass_fds = (pairs[0][1].fileno(), pairs[1][1].fileno())
+                argv = self.daemon_command(launch=launch, url=f"fd://{pass_fds[0]}/{pass_fds[1]}")
+            else:
+                argv = self.daemon_command(launch=launch)
             argv += ["--parent", str(os.getpid())]
             log_path = os.path.join(self.tmpdir, f"{launch}.log")
             stdout: int | IO[bytes]
@@ -262,10 +275,29 @@ class Profile:
                     stderr=stderr,
                     env=env,
                     cwd=os.getcwd(),
+                    pass_fds=pass_fds,
                 )
+            except BaseException:
+                for a, b in pairs:
+                    a.close()
+                    b.close()
+                raise
             finally:
                 if not self.output:
                     stderr.close()  # type: ignore[union-attr]
+            d = self.dispatcher
+            assert d is not None
+            for role, (host_end, child_end) in zip((b"t", b"c"), pairs):
+                child_end.close()
+                d.add_channel(
+                    LoopChannel(
+                        self.loop,
+                        host_end,
+                        role + launch.encode(),
+                        d.on_channel_message,
+                        d.channel_closed,
+                    )
+                )
             rec = LocalProcess(proc, launch, log_path, index)
             self.procs[proc.pid] = rec
             threading.Thread(

@@ -79,8 +79,9 @@ async def test_underscore_options_do_not_steal_function_kwargs() -> None:
 
 
 @pytest.mark.anyio
-async def test_tasks_queue_before_daemons_connect() -> None:
-    async with am.daemons(2):
+@pytest.mark.parametrize("transport", ["pipe", "zmq"])
+async def test_tasks_queue_before_daemons_connect(transport: str) -> None:
+    async with am.daemons(2, transport=transport):
         ms = [am.mirai(helpers_mod.inc, i) for i in range(50)]
         assert [await m for m in ms] == list(range(1, 51))
         s = am.status()
