@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._errors import MiraiCancelled
 
+_get_running_loop = asyncio.events._get_running_loop
+
 if TYPE_CHECKING:
     from ._dispatcher import DaemonConn
     from ._profile import Profile
@@ -185,45 +187,39 @@ class Mirai(Generic[T]):
 
     # -- awaiting ------------------------------------------------------------------
     def __await__(self) -> Generator[Any, None, T]:
-        return self._wait().__await__()
-
-    async def _wait(self) -> T:
         if self._state == PENDING:
-            import sniffio
-
-            lib = sniffio.current_async_library()
+            loop = _get_running_loop()
             try:
-                if lib == "asyncio":
-                    await self._wait_asyncio()
-                elif lib == "trio":
-                    await self._wait_trio()
-                else:  # pragma: no cover - other anyio backends
-                    raise RuntimeError(f"cannot await a Mirai from {lib!r}")
+                if loop is not None:  # asyncio: wait on a future of the awaiting loop
+                    fut = loop.create_future()
+                    tid = threading.get_ident()
+
+                    def wake(_: Mirai[Any]) -> None:
+                        if threading.get_ident() == tid:
+                            _set_future(fut)
+                        else:
+                            loop.call_soon_threadsafe(_set_future, fut)
+
+                    self.add_done_callback(wake)
+                    yield from fut
+                else:
+                    yield from self._wait_other().__await__()
             except BaseException:
                 # The awaiting task was cancelled (or interrupted): cancel the work too.
                 if self._state == PENDING:
                     self.cancel()
                 raise
-        if self._state == CANCELLED:
-            import sniffio
-
-            if sniffio.current_async_library() == "asyncio":
-                raise asyncio.CancelledError(f"mirai {self.id} was cancelled")
+        if self._state == CANCELLED and _get_running_loop() is not None:
+            raise asyncio.CancelledError(f"mirai {self.id} was cancelled")
         return self._outcome()
 
-    async def _wait_asyncio(self) -> None:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        tid = threading.get_ident()
+    async def _wait_other(self) -> None:
+        import sniffio
 
-        def wake(_: Mirai[Any]) -> None:
-            if threading.get_ident() == tid:
-                _set_future(fut)
-            else:
-                loop.call_soon_threadsafe(_set_future, fut)
-
-        self.add_done_callback(wake)
-        await fut
+        lib = sniffio.current_async_library()
+        if lib != "trio":  # pragma: no cover - other anyio backends
+            raise RuntimeError(f"cannot await a Mirai from {lib!r}")
+        await self._wait_trio()
 
     async def _wait_trio(self) -> None:
         import trio

@@ -65,6 +65,10 @@ class FrameReader:
         self.big: bytearray | None = None
         self.bigmv: memoryview | None = None
         self.bigpos = 0
+        # One reusable receive buffer: ``sock.recv(n)`` would allocate n bytes per call
+        # (mmap/munmap for large n), which showed up as system time per task.
+        self.rbuf = bytearray(RECV_CHUNK)
+        self.rview = memoryview(self.rbuf)
 
     def pump(self, sock: socket.socket, out: list[list[Any]] | deque[list[Any]], block: bool) -> bool:
         """Read from ``sock``; append complete messages to ``out``.
@@ -92,14 +96,14 @@ class FrameReader:
                 self._parse(out)
             else:
                 try:
-                    chunk = sock.recv(RECV_CHUNK)
+                    got = sock.recv_into(self.rbuf)
                 except BlockingIOError:
                     return True
-                if not chunk:
+                if not got:
                     return False
-                self.buf += chunk
+                self.buf += self.rview[:got]
                 self._parse(out)
-                if not block and len(chunk) < RECV_CHUNK and self.big is None:
+                if not block and got < RECV_CHUNK and self.big is None:
                     return True  # drained; the loop calls us again when more arrives
             if block and out:
                 return True
@@ -201,6 +205,20 @@ class LoopChannel:
         """Queue ``frames`` as one message; False if the channel is closed."""
         if self.closed:
             return False
+        if len(frames) == 1 and not self.pending and type(frames[0]) is bytes:
+            data = frame_prefix(frames) + frames[0]
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.close()
+                return False
+            if sent == len(data):
+                return True
+            self.pending.append(memoryview(data)[sent:])
+            self.loop.add_writer(self.fd, self._on_writable)
+            return True
         parts = [frame_prefix(frames), *frames]
         if self.pending:
             self.pending.extend(_views(parts))
@@ -293,6 +311,9 @@ class BlockingChannel:
 
     def send(self, frames: Sequence[Any]) -> None:
         """Send one message (all of it)."""
+        if len(frames) == 1 and type(frames[0]) is bytes:
+            self.sock.sendall(frame_prefix(frames) + frames[0])
+            return
         views = _views([frame_prefix(frames), *frames])
         while views:
             sent = self.sock.sendmsg(views[:IOV_MAX])
