@@ -47,7 +47,36 @@ _EXPORTS = {
     "ssh_config": "launchers",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DaemonError",
+    "DaemonInfo",
+    "Daemons",
+    "Mirai",
+    "MiraiCancelled",
+    "MiraiError",
+    "MiraiExecutor",
+    "MiraiMap",
+    "MiraiTimeout",
+    "SerialConfig",
+    "Status",
+    "as_completed",
+    "cluster_config",
+    "collect",
+    "daemons",
+    "daemons_set",
+    "everywhere",
+    "executor",
+    "host_url",
+    "launch_local",
+    "launch_remote",
+    "local_url",
+    "mirai",
+    "mirai_map",
+    "race",
+    "serial_config",
+    "ssh_config",
+    "status",
+]
 
 if TYPE_CHECKING:
     from ._api import (

@@ -13,14 +13,14 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 from . import _codecs, _protocol
 from ._daemon import CALL, CODE, eval_code
 from ._dispatcher import SetupItem
 from ._errors import MiraiError
 from ._handle import ERROR, VALUE, Mirai
-from ._profile import Profile, _REGISTRY_LOCK, profiles
+from ._profile import _REGISTRY_LOCK, Profile, profiles
 
 __all__ = [
     "DaemonInfo",
@@ -102,10 +102,6 @@ def _reset(compute: str, *, wait: bool) -> threading.Thread | None:
     return reaper
 
 
-@overload
-def daemons(n: int = ..., *, compute: str = ..., **kwargs: Any) -> Daemons: ...
-@overload
-def daemons(n: None = ..., *, compute: str = ..., **kwargs: Any) -> Daemons: ...
 def daemons(
     n: int | None = None,
     *,

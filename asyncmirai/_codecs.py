@@ -45,9 +45,9 @@ import io
 import pickle
 import sys
 import warnings
-from types import BuiltinFunctionType, FunctionType, ModuleType
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from types import BuiltinFunctionType, FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
 import cloudpickle

@@ -33,7 +33,6 @@ import zmq
 
 from . import _codecs, _protocol
 from ._errors import RemoteProtocolError
-from ._transport import BlockingChannel
 from ._protocol import (
     Cancel,
     Cancelled,
@@ -41,12 +40,12 @@ from ._protocol import (
     Hello,
     Ping,
     Refuse,
-    Result,
     Retire,
     Setup,
     Task,
     Welcome,
 )
+from ._transport import BlockingChannel
 
 __all__ = ["main", "register_serial", "run_chunk", "run_daemon"]
 
@@ -71,7 +70,9 @@ def eval_code(code: str, namespace: dict[str, Any]) -> Any:
     tree = ast.parse(code, "<mirai>", "exec")
     last: ast.Expression | None = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
+        tail = tree.body.pop()
+        assert isinstance(tail, ast.Expr)
+        last = ast.Expression(tail.value)
     if tree.body:
         exec(compile(tree, "<mirai>", "exec"), namespace)
     if last is not None:
@@ -154,7 +155,7 @@ class _ChannelEnd(BlockingChannel):
         self.sock.close()
 
 
-_End = Union[_ZmqEnd, _ChannelEnd]
+_End = Union[_ZmqEnd, _ChannelEnd]  # noqa: UP007 - a runtime alias on 3.10
 _CURRENT: Daemon | None = None
 
 
@@ -227,7 +228,7 @@ class Daemon:
         if self.url.startswith("tcp://[") or "::" in self.url:
             s.setsockopt(zmq.IPV6, 1)
         s.connect(self.url)
-        return s
+        return s  # type: ignore[no-any-return]
 
     # -- control thread ------------------------------------------------------------
     def _ctrl_loop_channel(self) -> None:
@@ -482,7 +483,9 @@ class Daemon:
         try:
             body, desc, bufs = _codecs.dumps(value, self.table)
         except BaseException as exc:
-            err = TypeError(f"result of type {type(value).__qualname__} cannot be serialized: {exc}")
+            err = TypeError(
+                f"result of type {type(value).__qualname__} cannot be serialized: {exc}"
+            )
             body, desc, bufs = _codecs.dumps(error_record(err), _codecs.DEFAULT_TABLE)
             ok = False
         self.task.send(_protocol.encode_result(tid, ok, body, desc, bufs))
@@ -496,9 +499,7 @@ def run_daemon(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("url", help="host URL, e.g. ipc:///tmp/x/sock or tcp://10.0.0.1:5555")
     p.add_argument("--launch", default="", help="launch id given by the host (bookkeeping)")
-    p.add_argument(
-        "--parent", type=int, default=0, help="pid of the local host: exit when it dies"
-    )
+    p.add_argument("--parent", type=int, default=0, help="pid of the local host: exit when it dies")
     p.add_argument(
         "--autoexit",
         type=float,

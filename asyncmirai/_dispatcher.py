@@ -26,7 +26,6 @@ import zmq
 from . import _codecs, _protocol
 from ._errors import DaemonError, MiraiError, MiraiTimeout, RemoteProtocolError
 from ._handle import CANCELLED, ERROR, VALUE, Mirai
-from ._transport import LoopChannel
 from ._protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -40,6 +39,7 @@ from ._protocol import (
     Retire,
     Welcome,
 )
+from ._transport import LoopChannel
 
 __all__ = ["DaemonConn", "Dispatcher", "SetupItem"]
 
@@ -531,7 +531,9 @@ class Dispatcher:
                     self._pump()
                 else:
                     where = f"daemon pid {d.pid} on {d.host}" if d.pid else "daemon"
-                    m._resolve(ERROR, DaemonError(f"{where} was lost running mirai {m.id}: {reason}"))
+                    m._resolve(
+                        ERROR, DaemonError(f"{where} was lost running mirai {m.id}: {reason}")
+                    )
 
     def lost_pid(self, pid: int, reason: str) -> bool:
         """A local process exited: forget its connection (drains replies first)."""

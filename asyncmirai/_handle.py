@@ -107,7 +107,7 @@ class Mirai(Generic[T]):
         """Call ``fn(self)`` once resolved (at once if already), on the resolving thread."""
         with _LOCK:
             if self._callbacks is not None:
-                self._callbacks.append(fn)  # type: ignore[arg-type]
+                self._callbacks.append(fn)
                 return
         fn(self)
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mappin
 from typing import Any, Generic, TypeVar
 
 from ._errors import MiraiCancelled
-from ._handle import CANCELLED, ERROR, PENDING, VALUE, Mirai
+from ._handle import CANCELLED, PENDING, VALUE, Mirai
 
 __all__ = ["MiraiMap", "as_completed", "collect", "mirai_map", "race"]
 
@@ -238,7 +238,7 @@ class MiraiMap(Generic[T]):
             flat = [_value_or_exc(m) for m in self.mirai]
         else:
             flat = []
-            for m, size in zip(self.mirai, self._sizes):
+            for m, size in zip(self.mirai, self._sizes, strict=True):
                 if m._state == VALUE:
                     flat.extend(_unpack_chunk(m._value))
                 else:
@@ -247,7 +247,7 @@ class MiraiMap(Generic[T]):
 
     def _shape(self, flat: list[Any]) -> Any:
         if self.keys is not None:
-            return dict(zip(self.keys, flat))
+            return dict(zip(self.keys, flat, strict=True))
         return flat
 
     def result(self, timeout: float | None = None) -> Any:
@@ -379,7 +379,7 @@ def mirai_map(
         keys = list(iterables[0].keys())
         rows: list[tuple[Any, ...]] = [(v,) for v in iterables[0].values()]
     else:
-        rows = list(zip(*iterables))
+        rows = list(zip(*iterables, strict=False))  # like map(): stop at the shortest
     if _chunksize is not None and (not isinstance(_chunksize, int) or _chunksize < 1):
         raise ValueError(f"_chunksize must be a positive int, got {_chunksize!r}")
     opts: dict[str, Any] = {"_timeout": _timeout, "_retries": _retries, "_compute": _compute}
@@ -390,7 +390,7 @@ def mirai_map(
             handle: MiraiMap[T] = MiraiMap(keys, ms, None, _stop, bar)
         else:
             chunks = [rows[i : i + _chunksize] for i in range(0, len(rows), _chunksize)]
-            ms = [mirai(run_chunk, fn, chunk, kwargs, **opts) for chunk in chunks]
+            ms = [mirai(run_chunk, fn, chunk, kwargs, **opts) for chunk in chunks]  # type: ignore[arg-type]
             handle = MiraiMap(keys, ms, [len(c) for c in chunks], _stop, bar)
     except BaseException:
         if bar is not None:

@@ -262,11 +262,13 @@ class Profile:
             argv += ["--parent", str(os.getpid())]
             log_path = os.path.join(self.tmpdir, f"{launch}.log")
             stdout: int | IO[bytes]
+            stderr: int | IO[bytes]
+            log_file: IO[bytes] | None = None
             if self.output:
                 stdout = stderr = subprocess.PIPE
             else:
                 stdout = subprocess.DEVNULL
-                stderr = open(log_path, "wb")  # noqa: SIM115 - handed to the child
+                stderr = log_file = open(log_path, "wb")  # noqa: SIM115 - handed to the child
             try:
                 proc = subprocess.Popen(
                     argv,
@@ -283,11 +285,11 @@ class Profile:
                     b.close()
                 raise
             finally:
-                if not self.output:
-                    stderr.close()  # type: ignore[union-attr]
+                if log_file is not None:
+                    log_file.close()
             d = self.dispatcher
             assert d is not None
-            for role, (host_end, child_end) in zip((b"t", b"c"), pairs):
+            for role, (host_end, child_end) in zip((b"t", b"c"), pairs, strict=False):
                 child_end.close()
                 d.add_channel(
                     LoopChannel(
@@ -341,9 +343,8 @@ class Profile:
             self.early_failures += 1
             if self.early_failures >= 3:
                 tail = _tail(rec.log_path)
-                self.broken = (
-                    f"local daemons keep dying before they connect ({reason})"
-                    + (f"; last stderr:\n{tail}" if tail else "")
+                self.broken = f"local daemons keep dying before they connect ({reason})" + (
+                    f"; last stderr:\n{tail}" if tail else ""
                 )
                 log.error("asyncmirai: %s", self.broken)
                 d = self.dispatcher

@@ -163,7 +163,7 @@ class Retire:
     reason: str
 
 
-Message = Union[
+Message = Union[  # noqa: UP007 - a runtime alias on 3.10
     Hello, Welcome, Refuse, Task, Setup, Result, Cancel, Cancelled, Exit, Ping, Output, Retire
 ]
 
@@ -176,7 +176,7 @@ INLINE_BODY_BYTES = 16 * 1024
 
 def _header(kind: int, id: int = 0, descriptors: Any = None, extra: Any = None) -> bytes:
     try:
-        return _pack([PROTOCOL_VERSION, kind, id, descriptors, extra, None])
+        return bytes(_pack([PROTOCOL_VERSION, kind, id, descriptors, extra, None]))
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"cannot encode message header: {exc}") from exc
 
@@ -187,7 +187,11 @@ def _payload(
     try:
         if len(body) <= INLINE_BODY_BYTES:
             return [_pack([PROTOCOL_VERSION, kind, id, descriptors or None, extra, body]), *buffers]
-        return [_pack([PROTOCOL_VERSION, kind, id, descriptors or None, extra, None]), body, *buffers]
+        return [
+            _pack([PROTOCOL_VERSION, kind, id, descriptors or None, extra, None]),
+            body,
+            *buffers,
+        ]
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"cannot encode message header: {exc}") from exc
 

@@ -70,7 +70,9 @@ class FrameReader:
         self.rbuf = bytearray(RECV_CHUNK)
         self.rview = memoryview(self.rbuf)
 
-    def pump(self, sock: socket.socket, out: list[list[Any]] | deque[list[Any]], block: bool) -> bool:
+    def pump(
+        self, sock: socket.socket, out: list[list[Any]] | deque[list[Any]], block: bool
+    ) -> bool:
         """Read from ``sock``; append complete messages to ``out``.
 
         Non-blocking mode reads what is there (a short read means drained); blocking mode
