@@ -50,8 +50,6 @@ from dataclasses import dataclass
 from types import BuiltinFunctionType, FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
-import cloudpickle
-
 if sys.version_info >= (3, 12):
     from collections.abc import Buffer
 elif TYPE_CHECKING:
@@ -529,6 +527,8 @@ def dumps(obj: Any, table: CodecTable) -> tuple[bytes, list[Any], list[Buffer]]:
         return False
 
     f = io.BytesIO()
+    import cloudpickle  # here, not at import: daemons start faster without it
+
     pickler = cloudpickle.Pickler(f, protocol=5, buffer_callback=buffer_callback)
     enc: _Encoder | None = None
     if table._active():

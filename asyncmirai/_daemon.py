@@ -27,9 +27,7 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
-from typing import Any, Union
-
-import zmq
+from typing import TYPE_CHECKING, Any, Union
 
 from . import _codecs, _protocol
 from ._errors import RemoteProtocolError
@@ -46,6 +44,9 @@ from ._protocol import (
     Welcome,
 )
 from ._transport import BlockingChannel
+
+if TYPE_CHECKING:
+    import zmq
 
 __all__ = ["main", "register_serial", "run_chunk", "run_daemon"]
 
@@ -122,6 +123,9 @@ def _set_pdeathsig(parent: int) -> None:
         os._exit(EXIT_HOST_GONE)
 
 
+_RCVMORE = 13  # zmq.RCVMORE, without importing zmq in local daemons
+
+
 class _ZmqEnd:
     """The daemon's task socket when it dials the host over ZeroMQ."""
 
@@ -137,7 +141,7 @@ class _ZmqEnd:
     def recv(self) -> list[Any]:
         sock = self.sock
         frames: list[Any] = [sock.recv()]  # small header: a copy is cheapest
-        while sock.getsockopt(zmq.RCVMORE):  # body and tensor frames: zero copy
+        while sock.getsockopt(_RCVMORE):  # body and tensor frames: zero copy
             frames.append(sock.recv(copy=False).buffer)
         return frames
 
@@ -193,6 +197,8 @@ class Daemon:
             self.task = _ChannelEnd(socket.socket(fileno=task_fd))
             self.ctrl_channel = BlockingChannel(socket.socket(fileno=ctrl_fd))
         else:
+            import zmq  # only daemons that dial over ZeroMQ pay for importing it
+
             self.ctx = zmq.Context()
             self.task = _ZmqEnd(self._dial(b"t" + token, curve))
             self.ctrl_sock = self._dial(b"c" + token, curve)
@@ -212,6 +218,8 @@ class Daemon:
         self.started = time.monotonic()
 
     def _dial(self, ident: bytes, curve: tuple[bytes, bytes, bytes] | None) -> zmq.Socket[Any]:
+        import zmq
+
         assert self.ctx is not None
         s = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.ROUTING_ID, ident)
@@ -253,6 +261,8 @@ class Daemon:
     def _ctrl_loop(self) -> None:
         if self.ctrl_channel is not None:
             return self._ctrl_loop_channel()
+        import zmq
+
         ctrl = self.ctrl_sock
         assert ctrl is not None
         mon = ctrl.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)

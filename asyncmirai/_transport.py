@@ -14,13 +14,15 @@ a tensor's bytes are copied once, by the kernel, into memory the tensor then own
 
 from __future__ import annotations
 
-import asyncio
 import select
 import socket
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 from ._errors import RemoteProtocolError
 
