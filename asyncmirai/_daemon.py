@@ -1,16 +1,19 @@
-"""The daemon: a persistent process that dials the host and evaluates tasks.
+"""The daemon: a persistent process that evaluates tasks sent by the host.
 
 Started as a fresh interpreter (``python -m asyncmirai daemon URL``) for local, ssh and
-cluster launches alike.  Two DEALER sockets dial the host's ROUTER:
+cluster launches alike.  It has two channels to the host:
 
-* the *task* socket, owned by the main thread: tasks in, results out.  Calls run in the
+* the *task* channel, owned by the main thread: tasks in, results out.  Calls run in the
   main thread so a cancel can interrupt them with a real signal (``time.sleep`` and
   blocking I/O wake up; pure Python loops see it at the next bytecode).
-* the *control* socket, owned by a control thread: cancels in, pings out, and the
-  host-liveness watch (a socket monitor): when the connection to the host is gone for
-  ``autoexit`` seconds the daemon exits, so remote daemons never outlive their host.
-  Local daemons also ask the kernel to kill them when their parent dies
-  (``PR_SET_PDEATHSIG``), which covers a host killed with SIGKILL.
+* the *control* channel, owned by a control thread: cancels and exit requests in, and the
+  host-liveness watch.
+
+Local daemons get both channels as inherited socketpairs (``fd://T/C``, see
+``_transport``); they die with the host through ``PR_SET_PDEATHSIG`` and end of stream.
+Remote daemons dial the host's ROUTER with two ZeroMQ DEALER sockets (CurveZMQ on tcp);
+the control thread pings the host and watches the connection with a socket monitor:
+when it is gone for ``autoexit`` seconds the daemon exits, so no daemon outlives its host.
 """
 
 from __future__ import annotations

@@ -328,6 +328,8 @@ class Dispatcher:
         # The zmq FD is edge-triggered and a send can consume the edge of an incoming
         # message, so after sending we look at EVENTS; only if a message is waiting do we
         # schedule a read (cheaper than an unconditional extra loop turn).
+        if self.closed:
+            return
         if not self._check_scheduled and self._getsockopt(_EVENTS) & _POLLIN:
             self._check_scheduled = True
             self.loop.call_soon(self._on_readable)

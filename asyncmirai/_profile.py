@@ -376,10 +376,11 @@ class Profile:
             return
         d = self.dispatcher
         assert d is not None
+        if self.loop.is_closed():
+            self._check_loop()
         if threading.get_ident() == self.loop_thread_id:
             d.submit(m)
         else:
-            self._check_loop()
             self.loop.call_soon_threadsafe(d.submit, m)
 
     def cancel(self, m: Mirai[Any]) -> bool:
@@ -400,6 +401,7 @@ class Profile:
         """Register an everywhere() call (thread-safe)."""
         d = self.dispatcher
         assert d is not None
+        self._check_loop()
         if threading.get_ident() == self.loop_thread_id:
             d.everywhere(item)
         else:

@@ -353,3 +353,18 @@ def test_public_names_are_exported_and_documented() -> None:
         obj = getattr(am, name)
         assert obj.__doc__, f"{name} has no docstring"
     assert os.path.exists(os.path.join(os.path.dirname(am.__file__), "py.typed"))
+
+
+def test_profile_outliving_its_loop_gives_clear_error_and_resets_cleanly() -> None:
+    async def main() -> list[int]:
+        am.daemons(2)  # dispatcher on this loop, never reset inside it
+        assert await am.mirai(helpers_mod.inc, 1) == 2
+        while am.status().connections < 2:
+            await asyncio.sleep(0.01)
+        return [r.pid for r in am.status().daemons]
+
+    pids = asyncio.run(main())
+    with pytest.raises(RuntimeError, match="event loop .* has closed"):
+        am.mirai(helpers_mod.inc, 1)
+    assert am.daemons(0) == 0
+    assert wait_dead(pids, 5) == []
