@@ -13,7 +13,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from . import _codecs, _protocol
 from ._daemon import CALL, CODE, eval_code
@@ -100,6 +100,52 @@ def _reset(compute: str, *, wait: bool) -> threading.Thread | None:
     if wait and not prof.is_dispatcher_thread():
         reaper.join(10)
     return reaper
+
+
+@overload
+def daemons(  # type: ignore[overload-overlap]
+    n: Literal[0],
+    *,
+    url: str | None = None,
+    remote: Any = None,
+    compute: str = "default",
+    serial: _codecs.SerialConfig | Sequence[_codecs.SerialConfig] | None = None,
+    seed: int | None = None,
+    env: Mapping[str, str] | None = None,
+    output: bool = False,
+    maxtasks: int | None = None,
+    idletime: float | None = None,
+    walltime: float | None = None,
+    sync: bool = False,
+    cancel_grace: float = 2.0,
+    autoexit: float = 5.0,
+    liveness: float = 30.0,
+    curve: bool | None = None,
+    transport: str = "pipe",
+) -> int: ...
+
+
+@overload
+def daemons(
+    n: int | None = None,
+    *,
+    url: str | None = None,
+    remote: Any = None,
+    compute: str = "default",
+    serial: _codecs.SerialConfig | Sequence[_codecs.SerialConfig] | None = None,
+    seed: int | None = None,
+    env: Mapping[str, str] | None = None,
+    output: bool = False,
+    maxtasks: int | None = None,
+    idletime: float | None = None,
+    walltime: float | None = None,
+    sync: bool = False,
+    cancel_grace: float = 2.0,
+    autoexit: float = 5.0,
+    liveness: float = 30.0,
+    curve: bool | None = None,
+    transport: str = "pipe",
+) -> Daemons: ...
 
 
 def daemons(
@@ -306,7 +352,9 @@ def launch_remote(n: int = 1, *, remote: Any = None, compute: str = "default") -
         argv = prof.daemon_command(python=python, launch=f"remote-{os.getpid()}-{i}")
         if remote is not None and hasattr(remote, "rewrite_url"):
             argv[4] = remote.rewrite_url(argv[4])
-        cmds.append(shlex.join(argv))
+        # ``python`` is a shell fragment ("env X=1 python", "conda run -n env python"):
+        # written as is, not quoted as one word.
+        cmds.append(f"{python} {shlex.join(argv[1:])}")
     if remote is not None:
         handles = remote.launch(cmds, url=prof.url) if _takes_url(remote) else remote.launch(cmds)
         prof.launchers.extend(handles)
@@ -517,6 +565,8 @@ def everywhere(
         from ._daemon import register_serial
 
         prof.table = prof.table.extend(configs)
+        if prof.dispatcher is not None:  # it decodes results with its own reference
+            prof.dispatcher.table = prof.table
         _everywhere(prof, CALL, register_serial, (configs,), {})
     return _everywhere(prof, kind, fn, args, kwargs)
 

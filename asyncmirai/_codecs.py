@@ -447,6 +447,14 @@ _PLAIN_TYPES: Final = frozenset({int, float, bool, str, bytes, type(None), compl
 _by_ref_cache: dict[Any, bool] = {}
 
 
+def _pickled_by_value(module: str) -> bool:
+    cloudpickle = sys.modules.get("cloudpickle")  # nothing is registered if not imported
+    if cloudpickle is None:
+        return False
+    registered = cloudpickle.list_registry_pickle_by_value()
+    return any(module == m or module.startswith(m + ".") for m in registered)
+
+
 def _by_reference(obj: Any) -> bool:
     """True if plain pickle stores ``obj`` (function or class) as an importable name
     that resolves to ``obj`` itself, i.e. cloudpickle would not pickle it by value."""
@@ -459,7 +467,9 @@ def _by_reference(obj: Any) -> bool:
             target: Any = sys.modules.get(module)
             for part in qualname.split("."):
                 target = getattr(target, part, None)
-            ok = target is obj
+            # a module registered with cloudpickle.register_pickle_by_value (not
+            # importable on the daemons) must go by value, as cloudpickle would send it
+            ok = target is obj and not _pickled_by_value(module)
         if len(_by_ref_cache) > 4096:
             _by_ref_cache.clear()
         _by_ref_cache[obj] = ok

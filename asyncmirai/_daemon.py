@@ -217,6 +217,7 @@ class Daemon:
         self.idletime: float | None = None
         self.walltime: float | None = None
         self.done = 0
+        self.last_done: int | None = None  # last task replied to (reported in pings)
         self.retiring = False
         self.started = time.monotonic()
 
@@ -268,7 +269,17 @@ class Daemon:
 
         ctrl = self.ctrl_sock
         assert ctrl is not None
-        mon = ctrl.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        # Connected means the handshake succeeded: a daemon the host refuses (wrong
+        # CurveZMQ keys) reconnects forever at the TCP level, so it must count as gone.
+        failed = (
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        )
+        mon = ctrl.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | failed
+        )
+        refused = False
         poller = zmq.Poller()
         poller.register(ctrl, zmq.POLLIN)
         poller.register(mon, zmq.POLLIN)
@@ -283,9 +294,18 @@ class Daemon:
                 while mon.poll(0):
                     ev = mon.recv_multipart()
                     code = int.from_bytes(ev[0][:2], "little")
-                    if code == zmq.EVENT_CONNECTED:
+                    if code == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                         gone_since = None
-                    elif code == zmq.EVENT_DISCONNECTED and gone_since is None:
+                        continue
+                    if code & failed and not refused:
+                        refused = True
+                        print(
+                            "asyncmirai daemon: handshake with the host failed (wrong "
+                            "CurveZMQ keys?); exiting after --autoexit seconds",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    if gone_since is None:
                         gone_since = now
             if ctrl in events:
                 while ctrl.poll(0):
@@ -301,7 +321,13 @@ class Daemon:
             if gone_since is not None and now - gone_since > self.autoexit:
                 os._exit(EXIT_HOST_GONE)
             if now >= next_ping:
-                ctrl.send_multipart(_protocol.encode(Ping()))
+                # Never block: with no handshaken peer a DEALER send waits forever, and
+                # this loop is what enforces autoexit.
+                try:
+                    ping = Ping(self.current, self.last_done)
+                    ctrl.send_multipart(_protocol.encode(ping), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
                 next_ping = now + self.ping_interval
 
     def _on_cancel(self, task_id: int) -> None:
@@ -449,14 +475,14 @@ class Daemon:
 
     def _run_task(self, msg: Task) -> None:
         tid = msg.id
-        with self.lock:
-            if tid in self.precancelled:
-                self.precancelled.discard(tid)
-                self.task.send(_protocol.encode(Cancelled(tid)))
-                return
-            self.current = tid
         try:
             try:
+                # Inside the try: a cancel signal may land right after ``current`` is set.
+                with self.lock:
+                    if tid in self.precancelled:
+                        self.precancelled.discard(tid)
+                        raise _HostCancel()
+                    self.current = tid
                 if msg.extra:
                     self._apply_seed(msg.extra.get("seed"))
                 value = self._payload(msg.body, msg.descriptors, msg.buffers)
@@ -475,10 +501,12 @@ class Daemon:
             self.done += 1
             self._maybe_retire()
             self.task.send(_protocol.encode(Cancelled(tid)))
+            self.last_done = tid
             return
         self.done += 1
         self._maybe_retire()  # before the reply, so the host never sends us another task
         self._reply(tid, ok, value)
+        self.last_done = tid
 
     def _maybe_retire(self) -> None:
         why = self._retire_reason()

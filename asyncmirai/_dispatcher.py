@@ -47,6 +47,9 @@ log = logging.getLogger("asyncmirai")
 
 _Again = zmq.Again
 _NOBLOCK = zmq.NOBLOCK
+#: A remote daemon whose pings, this long after a task was sent, say it neither runs nor
+#: ran it, lost the task message in a connection drop.
+LOST_AFTER = 3.0
 _POLLIN = zmq.POLLIN
 _EVENTS = zmq.EVENTS
 _RCVMORE = zmq.RCVMORE
@@ -72,6 +75,7 @@ class DaemonConn:
         "alive",
         "local",
         "cancel_timer",
+        "sent_at",
     )
 
     def __init__(self, token: bytes) -> None:
@@ -90,6 +94,7 @@ class DaemonConn:
         self.alive = True
         self.local = False
         self.cancel_timer: asyncio.TimerHandle | None = None
+        self.sent_at = 0.0  # when the task in flight was sent
 
     @property
     def idle(self) -> bool:
@@ -239,6 +244,7 @@ class Dispatcher:
 
     def _send_task(self, d: DaemonConn, m: Mirai[Any]) -> None:
         d.task = m
+        d.sent_at = time.monotonic()
         m.daemon = d
         frames = m.frames
         assert frames is not None
@@ -279,8 +285,9 @@ class Dispatcher:
         """Stop an already-resolved task on its daemon, if it is running on one."""
         d = m.daemon
         if d is not None and d.task is m and d.alive:
-            target = d.ctrl_ident or d.ident
-            self._to(target, _protocol.encode(Cancel(m.id)))
+            # Without a control channel yet, the cancel goes when it says hello.
+            if d.ctrl_ident:
+                self._to(d.ctrl_ident, _protocol.encode(Cancel(m.id)))
             d.cancel_timer = self.loop.call_later(self.cancel_grace, self._cancel_overdue, d, m)
 
     def _on_timeout(self, m: Mirai[Any]) -> None:
@@ -374,6 +381,7 @@ class Dispatcher:
                 self._on_result(d, msg)  # type: ignore[arg-type]
                 return
             if cls is Ping:
+                self._on_ping(d, msg)  # type: ignore[arg-type]
                 return
             if cls is Cancelled:
                 self._task_finished(d, msg.id)  # type: ignore[union-attr]
@@ -415,6 +423,9 @@ class Dispatcher:
         self.by_ident[ident] = d
         if msg.role == "ctrl":
             d.ctrl_ident = ident
+            m = d.task
+            if m is not None and m._state:  # cancelled before we could reach its daemon
+                self._to(ident, _protocol.encode(Cancel(m.id)))
             return
         if d.ident:  # duplicate hello on the task socket (reconnect): ignore
             return
@@ -475,6 +486,33 @@ class Dispatcher:
             self._make_idle(d)
             return
         # A late reply for a task that was requeued elsewhere: drop it.
+
+    def _on_ping(self, d: DaemonConn, ping: Ping) -> None:
+        """Catch a task or a result lost in a connection drop (ZeroMQ reconnects do not
+        resend): the daemon says what it runs and what it last answered."""
+        m = d.task
+        if m is None or ping.current == m.id or d.sent_at > time.monotonic() - LOST_AFTER:
+            return
+        d.task = None
+        m.daemon = None
+        if ping.done == m.id:  # it ran, but its reply was lost
+            if not m._state:
+                if m.retries > 0:
+                    m.retries -= 1
+                    self.queue.appendleft(m)
+                else:
+                    m._resolve(
+                        ERROR,
+                        DaemonError(
+                            f"the result of mirai {m.id} was lost in a connection drop "
+                            f"with daemon pid {d.pid} on {d.host}"
+                        ),
+                    )
+        elif not m._state:  # the task message never arrived: it never ran
+            log.warning("asyncmirai: mirai %s was lost on the way to pid %s: resent", m.id, d.pid)
+            self.queue.appendleft(m)
+        self._make_idle(d)
+        self._pump()
 
     def _task_finished(self, d: DaemonConn, tid: int) -> None:
         m = d.task
@@ -542,6 +580,12 @@ class Dispatcher:
         self._on_readable()  # its last result may be waiting in the socket
         for d in list(self.daemons.values()):
             if d.pid == pid and d.local:
+                for ident in (d.ident, d.ctrl_ident):  # or in its socketpair
+                    ch = self.channels.get(ident)
+                    if ch is not None and not ch.closed:
+                        ch._on_readable()
+                if not d.alive:
+                    return True
                 self._lost(d, reason)
                 return True
         return False

@@ -6,6 +6,7 @@ knows both), and from sync code through ``.result()``.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping, Sequence
@@ -176,6 +177,10 @@ class MiraiMap(Generic[T]):
         self._stop = stop
         self._progress = progress
         self._first_error: BaseException | None = None
+        # The bar is updated from the dispatcher's callbacks: do it in the caller's
+        # context, so that output routed by context variables (Jupyter's parent header)
+        # reaches the cell that called mirai_map().
+        self._ctx = contextvars.copy_context()
         self._lock = threading.Lock()
         self._pending = len(mirai)
         self._all_done = threading.Event()
@@ -207,7 +212,7 @@ class MiraiMap(Generic[T]):
             n = 1
             if self._sizes is not None and m._state == VALUE:
                 n = len(m._value)
-            bar.update(n)
+            self._ctx.copy().run(bar.update, n)
         if stop_now:
             self.cancel()
         if last:
@@ -217,7 +222,7 @@ class MiraiMap(Generic[T]):
     def _close_progress(self) -> None:
         if self._progress is not None:
             try:
-                self._progress.close()
+                self._ctx.copy().run(self._progress.close)
             except Exception:
                 pass
 
@@ -331,14 +336,14 @@ def _unpack_chunk(pairs: list[tuple[bool, Any]]) -> list[Any]:
 def _make_progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tqdm.auto warns when ipywidgets is missing
+        warnings.simplefilter("ignore")  # tqdm.auto warns (on import) without ipywidgets
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            return None
         return tqdm(total=total, desc="mirai_map", unit="task")
 
 

@@ -230,13 +230,12 @@ class Profile:
             argv += ["--launch", launch]
         argv += ["--autoexit", str(self.autoexit)]
         if self.curve_server is not None and self.curve_client is not None and url is None:
+            # "--flag=VALUE": a Z85 key may start with "-", which argparse would take
+            # for an option in "--flag VALUE".
             argv += [
-                "--curve-server-key",
-                self.curve_server[0].decode(),
-                "--curve-public-key",
-                self.curve_client[0].decode(),
-                "--curve-secret-key",
-                self.curve_client[1].decode(),
+                f"--curve-server-key={self.curve_server[0].decode()}",
+                f"--curve-public-key={self.curve_client[0].decode()}",
+                f"--curve-secret-key={self.curve_client[1].decode()}",
             ]
         return argv
 

@@ -145,7 +145,14 @@ class Exit:
 
 @dataclass(frozen=True, slots=True)
 class Ping:
-    """Daemon -> host (control socket): liveness, sent periodically."""
+    """Daemon -> host (control socket): liveness, sent periodically.
+
+    ``current`` is the task running now and ``done`` the last one it replied to, so the
+    host can tell a task or result lost in a connection drop from one still running.
+    """
+
+    current: int | None = None
+    done: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +238,8 @@ def encode(msg: Message) -> list[Any]:
     if cls is Cancelled:
         return [_header(_CANCELLED, msg.id)]  # type: ignore[union-attr]
     if cls is Ping:
-        return [_header(_PING)]
+        assert isinstance(msg, Ping)
+        return [_header(_PING, extra=[msg.current, msg.done])]
     if cls is Hello:
         assert isinstance(msg, Hello)
         extra = [msg.pid, msg.host, msg.role, msg.token, msg.launch]
@@ -329,7 +337,11 @@ def decode(frames: Sequence[Any]) -> Message:
     if kind == _CANCELLED:
         return Cancelled(id)
     if kind == _PING:
-        return Ping()
+        if type(extra) is list and len(extra) == 2:
+            current, done = extra
+            if (current is None or type(current) is int) and (done is None or type(done) is int):
+                return Ping(current, done)
+        raise _bad("malformed ping")
     if kind == _WELCOME:
         if n < 2:
             raise _bad("welcome without a body")

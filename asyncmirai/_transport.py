@@ -7,13 +7,20 @@ Local daemons therefore talk to the dispatcher over a socketpair each (one for t
 one for control), created by the host and inherited by the daemon (``fd://T/C``).
 Remote daemons, and local ones started with ``transport="zmq"``, use ZeroMQ.
 
-Wire format of one message: ``u32 nframes``, ``nframes x u64 length``, then the frames.
-Large frames (>= 64 KiB) are received straight into their own buffer (``recv_into``), so
-a tensor's bytes are copied once, by the kernel, into memory the tensor then owns.
+Wire format of one message: ``u32 nframes``, ``nframes x u64 length``, then the frames
+that travel in the stream.  A frame of at least ``SHM_FRAME`` bytes travels instead as a
+memfd passed with ``SCM_RIGHTS`` (its length has the top bit set): the sender copies it
+once into the memfd, the receiver maps it (shared, writable) and a tensor or array wraps
+that mapping.  One copy per direction instead of the two a socket needs (into and out of
+the kernel), as torch's own shared-memory pickling does.  Smaller frames of at least
+``BIG_FRAME`` bytes are received straight into their own buffer (``recv_into``).
 """
 
 from __future__ import annotations
 
+import array
+import mmap
+import os
 import select
 import socket
 import struct
@@ -21,18 +28,23 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._errors import RemoteProtocolError
+
 if TYPE_CHECKING:
     import asyncio
 
-from ._errors import RemoteProtocolError
-
-__all__ = ["BlockingChannel", "FrameReader", "LoopChannel", "frame_prefix"]
+__all__ = ["BlockingChannel", "FrameReader", "LoopChannel"]
 
 RECV_CHUNK = 256 * 1024
 BIG_FRAME = 64 * 1024
+SHM_FRAME = 1 << 20
 MAX_FRAMES = 1 << 16
 MAX_FRAME_BYTES = 1 << 40
+MAX_FDS = 200  # per message; the kernel allows 253 per sendmsg
 IOV_MAX = 512  # below the kernel's 1024 limit on buffers per sendmsg
+_SHM_BIT = 1 << 63
+_HAS_MEMFD = hasattr(os, "memfd_create")
+_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 
 _u32 = struct.Struct("<I")
 _lengths: dict[int, struct.Struct] = {}
@@ -51,19 +63,72 @@ def _nbytes(frame: Any) -> int:
     return memoryview(frame).nbytes
 
 
-def frame_prefix(frames: Sequence[Any]) -> bytes:
-    """The header that precedes ``frames`` on the wire."""
-    n = len(frames)
-    return _u32.pack(n) + _lengths_struct(n).pack(*[_nbytes(f) for f in frames])
+def _byte_view(frame: Any) -> memoryview:
+    mv = frame if type(frame) is memoryview else memoryview(frame)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+def _to_memfd(frame: Any) -> int:
+    """Copy ``frame`` into a new memfd (the one copy of a large frame); return the fd."""
+    mv = _byte_view(frame)
+    fd = os.memfd_create("asyncmirai-frame", os.MFD_CLOEXEC)
+    try:
+        off, n = 0, mv.nbytes
+        while off < n:
+            off += os.write(fd, mv[off : off + (1 << 30)])
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _encode(frames: Sequence[Any]) -> tuple[list[Any], list[int]]:
+    """Stream parts (prefix first) and memfds of one message."""
+    lengths = []
+    parts: list[Any] = [b""]
+    fds: list[int] = []
+    try:
+        for f in frames:
+            n = _nbytes(f)
+            if n >= SHM_FRAME and _HAS_MEMFD and len(fds) < MAX_FDS:
+                fds.append(_to_memfd(f))
+                lengths.append(n | _SHM_BIT)
+            else:
+                lengths.append(n)
+                if n:
+                    parts.append(f)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    parts[0] = _u32.pack(len(frames)) + _lengths_struct(len(frames)).pack(*lengths)
+    return parts, fds
+
+
+def _scm(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class FrameReader:
-    """Incremental parser of the wire format; pulls bytes from a socket."""
+    """Incremental parser of the wire format; pulls bytes (and fds) from a socket."""
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.lengths: list[int] | None = None
         self.frames: list[Any] = []
+        self.fds: deque[int] = deque()
         self.big: bytearray | None = None
         self.bigmv: memoryview | None = None
         self.bigpos = 0
@@ -71,6 +136,23 @@ class FrameReader:
         # (mmap/munmap for large n), which showed up as system time per task.
         self.rbuf = bytearray(RECV_CHUNK)
         self.rview = memoryview(self.rbuf)
+
+    def close(self) -> None:
+        """Close file descriptors received but not yet used."""
+        _close_all(list(self.fds))
+        self.fds.clear()
+
+    def _recv(self, sock: socket.socket, into: memoryview) -> int:
+        # recvmsg, never recv: a plain recv would silently drop passed file descriptors.
+        n, anc, flags, _ = sock.recvmsg_into([into], _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            raise RemoteProtocolError("file descriptors were truncated")
+        return n
 
     def pump(
         self, sock: socket.socket, out: list[list[Any]] | deque[list[Any]], block: bool
@@ -87,7 +169,7 @@ class FrameReader:
             if self.big is not None:
                 assert self.bigmv is not None
                 try:
-                    n = sock.recv_into(self.bigmv[self.bigpos :])
+                    n = self._recv(sock, self.bigmv[self.bigpos :])
                 except BlockingIOError:
                     return True
                 if n == 0:
@@ -100,7 +182,7 @@ class FrameReader:
                 self._parse(out)
             else:
                 try:
-                    got = sock.recv_into(self.rbuf)
+                    got = self._recv(sock, self.rview)
                 except BlockingIOError:
                     return True
                 if not got:
@@ -111,6 +193,18 @@ class FrameReader:
                     return True  # drained; the loop calls us again when more arrives
             if block and out:
                 return True
+
+    def _map(self, size: int) -> memoryview:
+        if not self.fds:
+            raise RemoteProtocolError("a shared-memory frame arrived without its descriptor")
+        fd = self.fds.popleft()
+        try:
+            if os.fstat(fd).st_size < size:  # mapping past the end would SIGBUS on access
+                raise RemoteProtocolError("shared-memory frame smaller than announced")
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return memoryview(mm)
 
     def _parse(self, out: list[list[Any]] | deque[list[Any]]) -> None:
         buf = self.buf
@@ -126,7 +220,7 @@ class FrameReader:
                 if end - pos < 4 + 8 * n:
                     break
                 lengths = list(_lengths_struct(n).unpack_from(buf, pos + 4))
-                if max(lengths) > MAX_FRAME_BYTES:
+                if max(x & ~_SHM_BIT for x in lengths) > MAX_FRAME_BYTES:
                     raise RemoteProtocolError("frame too large")
                 self.lengths = lengths
                 self.frames = []
@@ -135,6 +229,9 @@ class FrameReader:
             frames = self.frames
             while len(frames) < len(lengths):
                 size = lengths[len(frames)]
+                if size & _SHM_BIT:
+                    frames.append(self._map(size & ~_SHM_BIT))
+                    continue
                 avail = end - pos
                 if avail >= size:
                     if size >= BIG_FRAME:
@@ -159,15 +256,14 @@ class FrameReader:
         del buf[:pos]
 
 
-def _views(parts: Sequence[Any]) -> list[memoryview]:
-    out = []
-    for p in parts:
-        mv = p if type(p) is memoryview else memoryview(p)
-        if mv.format != "B" or mv.ndim != 1:
-            mv = mv.cast("B")
-        if mv.nbytes:
-            out.append(mv)
-    return out
+class _Pending:
+    """Bytes still to write, and the fds to send with the first of them."""
+
+    __slots__ = ("view", "fds")
+
+    def __init__(self, view: memoryview, fds: list[int]) -> None:
+        self.view = view
+        self.fds = fds
 
 
 class LoopChannel:
@@ -187,7 +283,7 @@ class LoopChannel:
         self.on_message = on_message
         self.on_close = on_close
         self.reader = FrameReader()
-        self.pending: deque[memoryview] = deque()
+        self.pending: deque[_Pending] = deque()
         self.closed = False
         sock.setblocking(False)
         self.fd = sock.fileno()
@@ -210,7 +306,7 @@ class LoopChannel:
         if self.closed:
             return False
         if len(frames) == 1 and not self.pending and type(frames[0]) is bytes:
-            data = frame_prefix(frames) + frames[0]
+            data = _u32.pack(1) + _lengths_struct(1).pack(len(frames[0])) + frames[0]
             try:
                 sent = self.sock.send(data)
             except BlockingIOError:
@@ -218,63 +314,58 @@ class LoopChannel:
             except OSError:
                 self.close()
                 return False
-            if sent == len(data):
-                return True
-            self.pending.append(memoryview(data)[sent:])
-            self.loop.add_writer(self.fd, self._on_writable)
+            if sent < len(data):
+                self.pending.append(_Pending(memoryview(data)[sent:], []))
+                self.loop.add_writer(self.fd, self._on_writable)
             return True
-        parts = [frame_prefix(frames), *frames]
-        if self.pending:
-            self.pending.extend(_views(parts))
-            return True
-        if len(parts) <= IOV_MAX:
-            try:
-                sent = self.sock.sendmsg(parts)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.close()
-                return False
-            total = sum(_nbytes(p) for p in parts)
-            if sent == total:
-                return True
-        else:
-            sent = 0
-        views = _views(parts)
-        # drop what was already written
-        while sent and views:
-            head = views[0]
-            if sent >= head.nbytes:
-                sent -= head.nbytes
-                views.pop(0)
-            else:
-                views[0] = head[sent:]
-                sent = 0
-        self.pending.extend(views)
-        self.loop.add_writer(self.fd, self._on_writable)
-        return True
+        parts, fds = _encode(frames)
+        views = [_byte_view(p) for p in parts]
+        entries = [_Pending(v, []) for v in views if v.nbytes]
+        entries[0].fds = fds
+        was_idle = not self.pending
+        self.pending.extend(entries)
+        if was_idle:
+            self._on_writable()
+            if self.pending and not self.closed:
+                self.loop.add_writer(self.fd, self._on_writable)
+        return not self.closed
 
     def _on_writable(self) -> None:
         pending = self.pending
         while pending:
-            batch = [pending[i] for i in range(min(IOV_MAX, len(pending)))]
+            batch: list[_Pending] = []
+            fds: list[int] = []
+            for e in pending:  # a message's fds must not trail its own bytes
+                if len(batch) == IOV_MAX or (batch and len(fds) + len(e.fds) > MAX_FDS):
+                    break
+                batch.append(e)
+                fds.extend(e.fds)
             try:
-                sent = self.sock.sendmsg(batch)
+                sent = self.sock.sendmsg([e.view for e in batch], _scm(fds))
             except BlockingIOError:
                 return
             except OSError:
                 self.close()
                 self.on_close(self)
                 return
+            # the kernel holds its own references now (they may arrive early: that is
+            # fine, the reader keeps them in order until a length asks for one)
+            for e in batch:
+                if e.fds:
+                    _close_all(e.fds)
+                    e.fds = []
             while sent and pending:
                 head = pending[0]
-                if sent >= head.nbytes:
-                    sent -= head.nbytes
+                if sent >= head.view.nbytes:
+                    sent -= head.view.nbytes
                     pending.popleft()
                 else:
-                    pending[0] = head[sent:]
+                    head.view = head.view[sent:]
                     sent = 0
-        self.loop.remove_writer(self.fd)
+        try:
+            self.loop.remove_writer(self.fd)
+        except Exception:  # the loop may be closed
+            pass
 
     def close(self) -> None:
         """Stop watching and close the socket (idempotent)."""
@@ -286,7 +377,10 @@ class LoopChannel:
             self.loop.remove_writer(self.fd)
         except Exception:  # the loop may be closed
             pass
+        for e in self.pending:
+            _close_all(e.fds)
         self.pending.clear()
+        self.reader.close()
         self.sock.close()
 
 
@@ -316,16 +410,23 @@ class BlockingChannel:
     def send(self, frames: Sequence[Any]) -> None:
         """Send one message (all of it)."""
         if len(frames) == 1 and type(frames[0]) is bytes:
-            self.sock.sendall(frame_prefix(frames) + frames[0])
+            data = _u32.pack(1) + _lengths_struct(1).pack(len(frames[0])) + frames[0]
+            self.sock.sendall(data)
             return
-        views = _views([frame_prefix(frames), *frames])
-        while views:
-            sent = self.sock.sendmsg(views[:IOV_MAX])
-            while sent and views:
-                head = views[0]
-                if sent >= head.nbytes:
-                    sent -= head.nbytes
-                    views.pop(0)
-                else:
-                    views[0] = head[sent:]
-                    sent = 0
+        parts, fds = _encode(frames)
+        try:
+            views = [v for v in (_byte_view(p) for p in parts) if v.nbytes]
+            anc = _scm(fds)
+            while views:
+                sent = self.sock.sendmsg(views[:IOV_MAX], anc)
+                anc = []
+                while sent and views:
+                    head = views[0]
+                    if sent >= head.nbytes:
+                        sent -= head.nbytes
+                        views.pop(0)
+                    else:
+                        views[0] = head[sent:]
+                        sent = 0
+        finally:
+            _close_all(fds)

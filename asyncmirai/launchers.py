@@ -67,11 +67,16 @@ def _with_python(command: str, python: str) -> str:
     """Replace a leading ``python3`` token of ``command`` by ``python``.
 
     Idempotent: a command that does not start with the bare ``python3`` token
-    (because the core already substituted the interpreter) is returned as is.
+    (because the core already substituted the interpreter) is returned as is,
+    except that a leading *shell-quoted* ``python`` (as ``shlex.join`` writes a
+    fragment such as ``env X=1 python``) is unquoted so the fragment works.
     """
+    stripped = command.lstrip()
+    quoted = shlex.quote(python)
+    if quoted != python and stripped.startswith(quoted + " "):
+        return f"{python} {stripped[len(quoted) + 1 :]}"
     if python == _DEFAULT_PYTHON:
         return command
-    stripped = command.lstrip()
     head, _, rest = stripped.partition(" ")
     if head != _DEFAULT_PYTHON:
         return command

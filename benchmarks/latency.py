@@ -36,9 +36,10 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -47,7 +48,8 @@ for _p in (str(REPO), str(BENCH_DIR)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(BENCH_DIR), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    [str(BENCH_DIR), str(REPO)]
+    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 )
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -79,7 +81,9 @@ def echo_process() -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix="am-bench-")
     addr = f"ipc://{tmp}/echo"
     proc = subprocess.Popen(
-        [sys.executable, str(BENCH_DIR / "_common.py"), "echo", addr], stdout=subprocess.PIPE, text=True
+        [sys.executable, str(BENCH_DIR / "_common.py"), "echo", addr],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -482,7 +486,13 @@ def _startup_child(name: str) -> float:
     raise ValueError(name)
 
 
-STARTUP_PEERS = ["asyncmirai_asyncio", "asyncmirai_sync", "anyio_to_process", "loky", "ProcessPoolExecutor"]
+STARTUP_PEERS = [
+    "asyncmirai_asyncio",
+    "asyncmirai_sync",
+    "anyio_to_process",
+    "loky",
+    "ProcessPoolExecutor",
+]
 
 
 def startup(cfg: Cfg, name: str) -> dict[str, Any]:
@@ -544,7 +554,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="fewer calls/tasks (smoke run, < 40 s)")
     ap.add_argument("--out", default=str(BENCH_DIR / "results" / "latency.json"))
     ap.add_argument(
@@ -579,7 +591,7 @@ def main() -> None:
         f"\n## 1. sequential round trip ({cfg.rounds} interleaved rounds x {cfg.calls} timed calls, "
         f"{cfg.warmup} warm-up per round, {WORKERS} workers; samples pooled)"
     )
-    for rnd in range(cfg.rounds):
+    for _rnd in range(cfg.rounds):
         for key, _desc, fn in RT:
             r = _run(f"rt.{key}", lambda fn=fn: fn(cfg), errors)
             if r:
@@ -592,11 +604,16 @@ def main() -> None:
         r = summarize_us(samples[key])
         rt[key] = {"desc": desc, **r, "round_medians_us": round_medians[key]}
         rm = " ".join(f"{x:.0f}" for x in round_medians[key])
-        print(f"{desc:<52} {r['median_us']:>10.1f} {r['p99_us']:>10.1f} {r['mean_us']:>10.1f}  {rm}", flush=True)
+        print(
+            f"{desc:<52} {r['median_us']:>10.1f} {r['p99_us']:>10.1f} {r['mean_us']:>10.1f}  {rm}",
+            flush=True,
+        )
 
     tp: dict[str, Any] = {}
     tp_runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in TP}
-    print(f"\n## 2. throughput: {cfg.tasks} tiny tasks, {WORKERS} workers ({cfg.tp_rounds} interleaved rounds)")
+    print(
+        f"\n## 2. throughput: {cfg.tasks} tiny tasks, {WORKERS} workers ({cfg.tp_rounds} interleaved rounds)"
+    )
     for rnd in range(cfg.tp_rounds):
         for key, _desc, fn in TP:
             if rnd and not tp_runs[key]:
@@ -611,13 +628,20 @@ def main() -> None:
             continue
         secs = sum(r["seconds"] for r in runs)
         n = sum(r["tasks"] for r in runs)
-        tp[key] = {"desc": desc, "tasks": cfg.tasks, "seconds": secs / len(runs), "tasks_per_s": n / secs,
-                   "round_tasks_per_s": [r["tasks_per_s"] for r in runs]}
+        tp[key] = {
+            "desc": desc,
+            "tasks": cfg.tasks,
+            "seconds": secs / len(runs),
+            "tasks_per_s": n / secs,
+            "round_tasks_per_s": [r["tasks_per_s"] for r in runs],
+        }
         rr = " ".join(f"{r['tasks_per_s']:.0f}" for r in runs)
         print(f"{desc:<52} {n / secs:>10.0f} {secs / len(runs):>10.2f}  {rr}", flush=True)
 
     st: dict[str, Any] = {}
-    print(f"\n## 3. start-up to first result, {WORKERS} workers (fresh interpreter, median of {cfg.startup_reps})")
+    print(
+        f"\n## 3. start-up to first result, {WORKERS} workers (fresh interpreter, median of {cfg.startup_reps})"
+    )
     print(f"{'peer':<52} {'median s':>10} {'min s':>10}")
     for name in STARTUP_PEERS:
         r = _run(f"startup.{name}", lambda name=name: startup(cfg, name), errors)
@@ -633,14 +657,54 @@ def main() -> None:
 
     # (name, value, target, "le"/"ge")
     ratios: list[tuple[str, float | None, float, str]] = [
-        ("rt median: am in-loop / anyio.to_process", _ratio(med("am_inloop"), med("anyio_to_process")), 0.9, "le"),
-        ("rt median: am in-loop / bare blocking zmq echo", _ratio(med("am_inloop"), med("zmq_blocking_echo")), 2.5, "le"),
-        ("rt median: am thread (await) / anyio.to_process", _ratio(med("am_thread_asyncio"), med("anyio_to_process")), 0.9, "le"),
-        ("rt median: am thread (await) / bare blocking zmq echo", _ratio(med("am_thread_asyncio"), med("zmq_blocking_echo")), 2.5, "le"),
-        ("throughput: am gather / anyio.to_process", _ratio(tps("am_gather"), tps("anyio_to_process")), 2.0, "ge"),
-        ("throughput: am gather / PPE.map(chunksize=1)", _ratio(tps("am_gather"), tps("ppe_map")), 1.5, "ge"),
-        ("start-up: am in-loop daemons(2) -> first result (s)", st.get("asyncmirai_asyncio", {}).get("median_s"), 0.25, "le"),
-        ("start-up: am sync daemons(2) -> first result (s)", st.get("asyncmirai_sync", {}).get("median_s"), 0.25, "le"),
+        (
+            "rt median: am in-loop / anyio.to_process",
+            _ratio(med("am_inloop"), med("anyio_to_process")),
+            0.9,
+            "le",
+        ),
+        (
+            "rt median: am in-loop / bare blocking zmq echo",
+            _ratio(med("am_inloop"), med("zmq_blocking_echo")),
+            2.5,
+            "le",
+        ),
+        (
+            "rt median: am thread (await) / anyio.to_process",
+            _ratio(med("am_thread_asyncio"), med("anyio_to_process")),
+            0.9,
+            "le",
+        ),
+        (
+            "rt median: am thread (await) / bare blocking zmq echo",
+            _ratio(med("am_thread_asyncio"), med("zmq_blocking_echo")),
+            2.5,
+            "le",
+        ),
+        (
+            "throughput: am gather / anyio.to_process",
+            _ratio(tps("am_gather"), tps("anyio_to_process")),
+            2.0,
+            "ge",
+        ),
+        (
+            "throughput: am gather / PPE.map(chunksize=1)",
+            _ratio(tps("am_gather"), tps("ppe_map")),
+            1.5,
+            "ge",
+        ),
+        (
+            "start-up: am in-loop daemons(2) -> first result (s)",
+            st.get("asyncmirai_asyncio", {}).get("median_s"),
+            0.25,
+            "le",
+        ),
+        (
+            "start-up: am sync daemons(2) -> first result (s)",
+            st.get("asyncmirai_sync", {}).get("median_s"),
+            0.25,
+            "le",
+        ),
     ]
     print("\n## ratios vs issue 2 targets")
     print(f"{'ratio':<54} {'value':>8} {'target':>9}  verdict")
@@ -657,7 +721,9 @@ def main() -> None:
 
     load_after = os.getloadavg()
     total = perf() - t_start
-    print(f"\n# total {total:.1f} s; load after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    print(
+        f"\n# total {total:.1f} s; load after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}"
+    )
     if errors:
         print(f"# errors: {errors}")
 

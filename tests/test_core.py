@@ -10,11 +10,11 @@ import threading
 import time
 
 import anyio
+import helpers_mod
 import pytest
 from conftest import child_pids, pid_alive, wait_dead
 
 import asyncmirai as am
-import helpers_mod
 
 pytestmark = pytest.mark.timeout(60)
 

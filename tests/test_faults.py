@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import anyio
+import helpers_mod
 import pytest
 import zmq
 from conftest import pid_alive, wait_dead
 
 import asyncmirai as am
-import helpers_mod
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -191,7 +191,9 @@ def test_chaos_every_task_resolves_exactly_once() -> None:
         ms = [am.mirai(helpers_mod.sleep_then, rng.random() * 0.004, i) for i in range(400)]
         resolutions: dict[int, int] = {}
         for m in ms:
-            m.add_done_callback(lambda h: resolutions.__setitem__(h.id, resolutions.get(h.id, 0) + 1))
+            m.add_done_callback(
+                lambda h: resolutions.__setitem__(h.id, resolutions.get(h.id, 0) + 1)
+            )
         kills = 0
         deadline = time.monotonic() + 60
         while not all(m.done() for m in ms) and time.monotonic() < deadline:

@@ -7,10 +7,10 @@ import random
 import time
 
 import anyio
+import helpers_mod
 import pytest
 
 import asyncmirai as am
-import helpers_mod
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -97,7 +97,10 @@ def test_map_result_from_sync_code_with_progress(capsys: pytest.CaptureFixture[s
 @pytest.mark.anyio
 async def test_race_collect_as_completed() -> None:
     async with am.daemons(2):
-        ms = [am.mirai(helpers_mod.sleep_then, 0.5, "a"), am.mirai(helpers_mod.sleep_then, 0.05, "b")]
+        ms = [
+            am.mirai(helpers_mod.sleep_then, 0.5, "a"),
+            am.mirai(helpers_mod.sleep_then, 0.05, "b"),
+        ]
         assert await am.race(ms) == 1
         assert await am.collect(ms) == ["a", "b"]
         ms2 = [am.mirai(helpers_mod.inc, 1), am.mirai(helpers_mod.boom, "x")]
@@ -142,7 +145,9 @@ def test_executor_with_asyncio_run_in_executor() -> None:
     async def main() -> list[int]:
         loop = asyncio.get_running_loop()
         ex = am.executor()
-        return list(await asyncio.gather(*(loop.run_in_executor(ex, helpers_mod.inc, i) for i in range(4))))
+        return list(
+            await asyncio.gather(*(loop.run_in_executor(ex, helpers_mod.inc, i) for i in range(4)))
+        )
 
     with am.daemons(2):
         assert asyncio.run(main()) == [1, 2, 3, 4]
