@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Union
 
@@ -210,6 +211,9 @@ class Daemon:
         self.current: int | None = None  # task id running in the main thread
         self.cancel_target: int | None = None
         self.precancelled: set[int] = set()
+        self.revoked: set[int] = set()
+        self.seen: set[int] = set()  # ids of tasks this daemon has taken up (recent)
+        self.seen_order: deque[int] = deque()
         self.async_task: Any = None  # asyncio.Task of a running coroutine
         self.loop: Any = None  # asyncio loop, created on first coroutine
         self.main_ident = threading.get_ident()
@@ -258,7 +262,8 @@ class Daemon:
             except RemoteProtocolError:
                 continue
             if isinstance(msg, Cancel):
-                self._on_cancel(msg.id)
+                if self._on_cancel(msg.id, msg.revoke):
+                    ch.send(_protocol.encode(Cancelled(msg.id, revoked=True)))
             elif isinstance(msg, Exit):
                 os._exit(EXIT_OK)
 
@@ -315,7 +320,9 @@ class Daemon:
                     except RemoteProtocolError:
                         continue
                     if isinstance(msg, Cancel):
-                        self._on_cancel(msg.id)
+                        if self._on_cancel(msg.id, msg.revoke):
+                            ack = Cancelled(msg.id, revoked=True)
+                            ctrl.send_multipart(_protocol.encode(ack), zmq.NOBLOCK)
                     elif isinstance(msg, Exit):
                         os._exit(EXIT_OK)
             if gone_since is not None and now - gone_since > self.autoexit:
@@ -330,8 +337,17 @@ class Daemon:
                     pass
                 next_ping = now + self.ping_interval
 
-    def _on_cancel(self, task_id: int) -> None:
+    def _on_cancel(self, task_id: int, revoke: bool = False) -> bool:
+        """Handle a cancel (control thread).  Returns True when a revoke was granted:
+        the caller acknowledges it, and the main thread will skip that task unseen."""
         with self.lock:
+            if revoke:  # take back a prefetched task, only if it has not started
+                if task_id in self.seen:
+                    return False  # started or done already: it runs to its normal end
+                if len(self.revoked) > 10_000:
+                    self.revoked.clear()
+                self.revoked.add(task_id)
+                return True
             if self.current == task_id:
                 if self.async_task is not None and self.loop is not None:
                     self.loop.call_soon_threadsafe(self.async_task.cancel)
@@ -342,6 +358,7 @@ class Daemon:
                 if len(self.precancelled) > 10_000:  # stale ids of tasks that finished
                     self.precancelled.clear()
                 self.precancelled.add(task_id)
+        return False
 
     def _sigint(self, signum: int, frame: Any) -> None:
         # Runs in the main thread between bytecodes.  Only a cancel aimed at the task that
@@ -411,7 +428,7 @@ class Daemon:
                 # After a Retire the host answers Exit; tasks it sent before seeing the
                 # Retire arrive first (one ordered socket), so none is dropped.
                 return EXIT_OK
-            elif isinstance(msg, Cancel):
+            elif isinstance(msg, Cancel) and not msg.revoke:
                 self._on_cancel(msg.id)
 
     def _retire_reason(self) -> str:
@@ -479,6 +496,16 @@ class Daemon:
             try:
                 # Inside the try: a cancel signal may land right after ``current`` is set.
                 with self.lock:
+                    if tid in self.revoked:  # taken back (and acknowledged) already
+                        self.revoked.discard(tid)
+                        return
+                    self.seen.add(tid)
+                    self.seen_order.append(tid)
+                    if len(self.seen_order) > 4096:
+                        self.seen.discard(self.seen_order.popleft())
+                    if self.retiring:  # arrived after we said we retire: run elsewhere
+                        self.task.send(_protocol.encode(Cancelled(tid, revoked=True)))
+                        return
                     if tid in self.precancelled:
                         self.precancelled.discard(tid)
                         raise _HostCancel()

@@ -76,6 +76,7 @@ class DaemonConn:
         "local",
         "cancel_timer",
         "sent_at",
+        "next",
     )
 
     def __init__(self, token: bytes) -> None:
@@ -95,6 +96,7 @@ class DaemonConn:
         self.local = False
         self.cancel_timer: asyncio.TimerHandle | None = None
         self.sent_at = 0.0  # when the task in flight was sent
+        self.next: Mirai[Any] | None = None  # prefetched behind ``task`` (local daemons)
 
     @property
     def idle(self) -> bool:
@@ -151,6 +153,7 @@ class Dispatcher:
         curve_secret: bytes | None = None,
         on_kill: Callable[[DaemonConn], None] | None = None,
         on_output: Callable[[DaemonConn, Output], None] | None = None,
+        prefetch: bool = True,
     ) -> None:
         self.loop = loop
         self.table = table
@@ -159,6 +162,8 @@ class Dispatcher:
         self.liveness = liveness
         self.on_kill = on_kill
         self.on_output = on_output
+        self.prefetch = prefetch
+        self.revoking: set[int] = set()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -243,35 +248,73 @@ class Dispatcher:
             self.queue.append(m)
 
     def _send_task(self, d: DaemonConn, m: Mirai[Any]) -> None:
-        d.task = m
-        d.sent_at = time.monotonic()
+        if d.task is None:
+            d.task = m
+            d.sent_at = time.monotonic()
+        else:
+            d.next = m
         m.daemon = d
         frames = m.frames
         assert frames is not None
         if not self._to(d.ident, frames):  # peer vanished: requeue, forget the daemon
-            d.task = None
+            if d.task is m:
+                d.task = None
+            else:
+                d.next = None
             m.daemon = None
             self.queue.appendleft(m)
             self._lost(d, "send failed")
 
+    def _pop(self) -> Mirai[Any] | None:
+        queue = self.queue
+        while queue:
+            m = queue.popleft()
+            if not m._state:  # skip tasks cancelled or timed out while queued
+                return m
+        return None
+
     def _pump(self) -> None:
         """Hand queued tasks to idle daemons."""
-        queue, idle = self.queue, self.idle
-        while queue and idle:
-            m = queue.popleft()
-            if m._state:
-                continue  # cancelled or timed out while queued
+        idle = self.idle
+        while self.queue and idle:
+            m = self._pop()
+            if m is None:
+                break
             self._send_task(idle.pop(), m)
 
     def _make_idle(self, d: DaemonConn) -> None:
-        if d.idle and d.alive:
-            queue = self.queue
-            while queue:
-                m = queue.popleft()
-                if not m._state:
-                    self._send_task(d, m)
-                    return
-            self.idle.append(d)
+        """Give ``d`` work: a task if it has none and, under a backlog, one more to start
+        as soon as it finishes (prefetch: the daemon never waits for our round trip)."""
+        if not d.alive or d.retiring or d.setups_pending:
+            return
+        if d.task is None:
+            m = self._pop()
+            if m is None:
+                if d not in self.idle:
+                    self.idle.append(d)
+                self._revoke_for_idle()
+                return
+            self._send_task(d, m)
+        if (
+            self.prefetch
+            and d.next is None
+            # a backlog that keeps every daemon busy anyway: FIFO order is unaffected
+            and len(self.queue) > max(len(self.daemons), self.expected_local)
+            and d.ident in self.channels  # only over a reliable local channel
+        ):
+            m = self._pop()
+            if m is not None:
+                self._send_task(d, m)
+
+    def _revoke_for_idle(self) -> None:
+        """A daemon is idle with nothing queued: take back a task prefetched behind a busy
+        one (if it has not started), so it runs here instead of waiting there."""
+        for d in self.daemons.values():
+            m = d.next
+            if m is not None and not m._state and m.id not in self.revoking and d.ctrl_ident:
+                self.revoking.add(m.id)
+                self._to(d.ctrl_ident, _protocol.encode(Cancel(m.id, revoke=True)))
+                return
 
     # -- cancel and timeout --------------------------------------------------------
     def cancel(self, m: Mirai[Any], state: int = CANCELLED, value: Any = None) -> bool:
@@ -284,11 +327,15 @@ class Dispatcher:
     def stop_cancelled(self, m: Mirai[Any]) -> None:
         """Stop an already-resolved task on its daemon, if it is running on one."""
         d = m.daemon
-        if d is not None and d.task is m and d.alive:
+        if d is None or not d.alive:
+            return
+        if d.task is m:
             # Without a control channel yet, the cancel goes when it says hello.
             if d.ctrl_ident:
                 self._to(d.ctrl_ident, _protocol.encode(Cancel(m.id)))
             d.cancel_timer = self.loop.call_later(self.cancel_grace, self._cancel_overdue, d, m)
+        elif d.next is m and d.ctrl_ident:  # prefetched: it will be skipped, never run
+            self._to(d.ctrl_ident, _protocol.encode(Cancel(m.id)))
 
     def _on_timeout(self, m: Mirai[Any]) -> None:
         m.timer = None
@@ -384,13 +431,17 @@ class Dispatcher:
                 self._on_ping(d, msg)  # type: ignore[arg-type]
                 return
             if cls is Cancelled:
-                self._task_finished(d, msg.id)  # type: ignore[union-attr]
+                if msg.revoked:  # type: ignore[union-attr]
+                    self._on_revoked(d, msg.id)  # type: ignore[union-attr]
+                else:
+                    self._task_finished(d, msg.id)  # type: ignore[union-attr]
                 return
             if cls is Retire:
                 d.retiring = True
                 if d in self.idle:
                     self.idle.remove(d)
-                # on the task socket: after any task already sent to it
+                # On the task socket, after any task already sent to it: the daemon
+                # answers those with Cancelled(revoked=True) and we run them elsewhere.
                 self._to(d.ident, _protocol.encode(Exit("retired")))
                 if d.task is None:
                     self._lost(d, f"retired ({msg.reason})")  # type: ignore[union-attr]
@@ -514,17 +565,47 @@ class Dispatcher:
         self._make_idle(d)
         self._pump()
 
+    def _on_revoked(self, d: DaemonConn, tid: int) -> None:
+        """``d`` gave task ``tid`` back unstarted (a revoke, or it retires): run it elsewhere.
+        It may sit in either slot: the control channel's acknowledgement can overtake the
+        result of the task before it."""
+        self.revoking.discard(tid)
+        if d.next is not None and d.next.id == tid:
+            m, d.next = d.next, None
+        elif d.task is not None and d.task.id == tid:
+            m, d.task, d.next = d.task, d.next, None
+            if d.task is not None:
+                d.sent_at = time.monotonic()
+            if d.cancel_timer is not None:
+                d.cancel_timer.cancel()
+                d.cancel_timer = None
+        else:
+            return
+        m.daemon = None
+        if not m._state:
+            self.queue.appendleft(m)
+            self._pump()  # to the idle daemon that asked for it, if any
+        if d.retiring:
+            if d.task is None:
+                self._lost(d, "retired")
+        elif d.task is None:
+            self._make_idle(d)
+
     def _task_finished(self, d: DaemonConn, tid: int) -> None:
         m = d.task
         if m is None or m.id != tid:
             return
-        d.task = None
+        d.task, d.next = d.next, None  # a prefetched task starts now
+        if d.task is not None:
+            d.sent_at = time.monotonic()
         m.daemon = None
+        self.revoking.discard(tid)
         if d.cancel_timer is not None:
             d.cancel_timer.cancel()
             d.cancel_timer = None
         if d.retiring:
-            self._lost(d, "retired")
+            if d.task is None:
+                self._lost(d, "retired")
         else:
             self._make_idle(d)
 
@@ -561,6 +642,11 @@ class Dispatcher:
             if d.token in item.waiting:
                 item.waiting.discard(d.token)
                 item.maybe_resolve()
+        nxt, d.next = d.next, None
+        if nxt is not None:  # prefetched, never started: back to the head of the queue
+            nxt.daemon = None
+            if not nxt._state:
+                self.queue.appendleft(nxt)
         m, d.task = d.task, None
         if m is not None:
             m.daemon = None
@@ -568,12 +654,13 @@ class Dispatcher:
                 if m.retries > 0 and not self.closed:
                     m.retries -= 1
                     self.queue.appendleft(m)
-                    self._pump()
                 else:
                     where = f"daemon pid {d.pid} on {d.host}" if d.pid else "daemon"
                     m._resolve(
                         ERROR, DaemonError(f"{where} was lost running mirai {m.id}: {reason}")
                     )
+        if not self.closed:
+            self._pump()
 
     def lost_pid(self, pid: int, reason: str) -> bool:
         """A local process exited: forget its connection (drains replies first)."""
@@ -606,7 +693,8 @@ class Dispatcher:
         return {
             "connections": len(live),
             "url": self.url,
-            "awaiting": sum(1 for m in self.queue if not m._state),
+            "awaiting": sum(1 for m in self.queue if not m._state)
+            + sum(1 for d in live if d.next is not None and not d.next._state),
             "executing": sum(1 for d in live if d.task is not None),
             "completed": self.completed,
             "daemons": [d.row() for d in live],
@@ -621,9 +709,9 @@ class Dispatcher:
         while self.queue:
             self.queue.popleft()._resolve(ERROR, DaemonError(err))
         for d in list(self.daemons.values()):
-            m = d.task
-            if m is not None:
-                m._resolve(ERROR, DaemonError(err))
+            for m in (d.task, d.next):
+                if m is not None:
+                    m._resolve(ERROR, DaemonError(err))
             for ident in (d.ctrl_ident, d.ident):
                 if ident:
                     self._to(ident, _protocol.encode(Exit(reason)))

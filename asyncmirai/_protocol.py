@@ -124,16 +124,22 @@ class Result:
 
 @dataclass(frozen=True, slots=True)
 class Cancel:
-    """Host -> daemon (control socket): stop task ``id`` if queued or running."""
+    """Host -> daemon (control socket): stop task ``id`` if queued or running.
+
+    With ``revoke`` only a task that has not started is taken back (it is answered with
+    ``Cancelled(revoked=True)`` and the host runs it elsewhere); a started one goes on.
+    """
 
     id: int
+    revoke: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Cancelled:
-    """Daemon -> host: task ``id`` was stopped; the daemon is free again."""
+    """Daemon -> host: task ``id`` was stopped (or, ``revoked``, never started)."""
 
     id: int
+    revoked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,9 +240,11 @@ def encode(msg: Message) -> list[Any]:
         assert isinstance(msg, Setup)
         return _payload(_SETUP, msg.id, msg.descriptors, None, msg.body, msg.buffers)
     if cls is Cancel:
-        return [_header(_CANCEL, msg.id)]  # type: ignore[union-attr]
+        assert isinstance(msg, Cancel)
+        return [_header(_CANCEL, msg.id, extra=msg.revoke)]
     if cls is Cancelled:
-        return [_header(_CANCELLED, msg.id)]  # type: ignore[union-attr]
+        assert isinstance(msg, Cancelled)
+        return [_header(_CANCELLED, msg.id, extra=msg.revoked)]
     if cls is Ping:
         assert isinstance(msg, Ping)
         return [_header(_PING, extra=[msg.current, msg.done])]
@@ -333,9 +341,9 @@ def decode(frames: Sequence[Any]) -> Message:
             return Result(id, extra, body, desc, bufs)
         return Setup(id, body, desc, bufs)
     if kind == _CANCEL:
-        return Cancel(id)
+        return Cancel(id, extra is True)
     if kind == _CANCELLED:
-        return Cancelled(id)
+        return Cancelled(id, extra is True)
     if kind == _PING:
         if type(extra) is list and len(extra) == 2:
             current, done = extra

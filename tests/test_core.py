@@ -368,3 +368,50 @@ def test_profile_outliving_its_loop_gives_clear_error_and_resets_cleanly() -> No
         am.mirai(helpers_mod.inc, 1)
     assert am.daemons(0) == 0
     assert wait_dead(pids, 5) == []
+
+
+# -- prefetch under a backlog -------------------------------------------------------------
+@pytest.mark.anyio
+async def test_prefetched_task_behind_a_long_one_is_taken_back_by_an_idle_daemon() -> None:
+    async with am.daemons(2):
+        while am.status().connections < 2:
+            await anyio.sleep(0.01)
+        q0 = am.mirai(helpers_mod.pid_and_state, "x", 0.1)
+        q1 = am.mirai(helpers_mod.pid_and_state, "x", 0.1)
+        long = am.mirai(helpers_mod.pid_and_state, "x", 3.0)
+        x = am.mirai(helpers_mod.pid_and_state, "x", 0.0)  # prefetched behind `long`
+        rest = [am.mirai(helpers_mod.pid_and_state, "x", 0.05) for _ in range(3)]
+        t0 = time.monotonic()
+        x_pid, _ = await x
+        assert time.monotonic() - t0 < 2.0  # it did not wait for `long`
+        long_pid, _ = await long
+        assert x_pid != long_pid
+        for m in (q0, q1, *rest):
+            await m
+        assert am.status().completed == 7
+
+
+@pytest.mark.anyio
+async def test_backlog_of_tiny_tasks_all_resolve_once_in_order() -> None:
+    async with am.daemons(2):
+        ms = [am.mirai(helpers_mod.inc, i) for i in range(3000)]
+        assert await am.collect(ms) == list(range(1, 3001))
+        s = am.status()
+        assert s.completed == 3000 and s.awaiting == 0 and s.executing == 0
+
+
+@pytest.mark.anyio
+async def test_cancelled_prefetched_task_never_runs(tmp_path: os.PathLike[str]) -> None:
+    async with am.daemons(1):
+        while am.status().connections < 1:
+            await anyio.sleep(0.01)
+        first = am.mirai(helpers_mod.sleep_then, 0.1, 0)
+        busy = am.mirai(helpers_mod.sleep_then, 0.5, 1)
+        flag = os.path.join(str(tmp_path), "ran")
+        target = am.mirai(helpers_mod.touch, flag)  # prefetched behind `busy` (backlog)
+        tail = [am.mirai(helpers_mod.inc, i) for i in range(3)]
+        await first
+        target.cancel()
+        assert await busy == 1
+        assert [await m for m in tail] == [1, 2, 3]
+        assert not os.path.exists(flag)
