@@ -204,8 +204,11 @@ class Daemon:
             import zmq  # only daemons that dial over ZeroMQ pay for importing it
 
             self.ctx = zmq.Context()
-            self.task = _ZmqEnd(self._dial(b"t" + token, curve))
+            task_sock = self._dial(b"t" + token, curve)
+            self.task = _ZmqEnd(task_sock)
             self.ctrl_sock = self._dial(b"c" + token, curve)
+            # Created here, on the task socket's own thread; read by the control thread.
+            self.task_monitor = task_sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.table = _codecs.DEFAULT_TABLE
         self.lock = threading.Lock()
         self.current: int | None = None  # task id running in the main thread
@@ -222,6 +225,8 @@ class Daemon:
         self.walltime: float | None = None
         self.done = 0
         self.last_done: int | None = None  # last task replied to (reported in pings)
+        self.drops = 0  # disconnects of the task connection (ZeroMQ daemons)
+        self.done_drops = 0  # ``drops`` when the last reply was sent
         self.retiring = False
         self.started = time.monotonic()
 
@@ -288,6 +293,8 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(ctrl, zmq.POLLIN)
         poller.register(mon, zmq.POLLIN)
+        task_mon = self.task_monitor
+        poller.register(task_mon, zmq.POLLIN)
         ctrl.send_multipart(_protocol.encode(self._hello("ctrl")))
         gone_since: float | None = time.monotonic()
         next_ping = 0.0
@@ -295,6 +302,10 @@ class Daemon:
         while True:
             events = dict(poller.poll(period))
             now = time.monotonic()
+            if task_mon in events:
+                while task_mon.poll(0):
+                    task_mon.recv_multipart()
+                    self.drops += 1
             if mon in events:
                 while mon.poll(0):
                     ev = mon.recv_multipart()
@@ -331,7 +342,7 @@ class Daemon:
                 # Never block: with no handshaken peer a DEALER send waits forever, and
                 # this loop is what enforces autoexit.
                 try:
-                    ping = Ping(self.current, self.last_done)
+                    ping = Ping(self.current, self.last_done, self.drops, self.done_drops)
                     ctrl.send_multipart(_protocol.encode(ping), zmq.NOBLOCK)
                 except zmq.Again:
                     pass
@@ -533,6 +544,7 @@ class Daemon:
         self.done += 1
         self._maybe_retire()  # before the reply, so the host never sends us another task
         self._reply(tid, ok, value)
+        self.done_drops = self.drops
         self.last_done = tid
 
     def _maybe_retire(self) -> None:

@@ -77,6 +77,8 @@ class DaemonConn:
         "cancel_timer",
         "sent_at",
         "next",
+        "drops",
+        "sent_drops",
     )
 
     def __init__(self, token: bytes) -> None:
@@ -97,6 +99,8 @@ class DaemonConn:
         self.cancel_timer: asyncio.TimerHandle | None = None
         self.sent_at = 0.0  # when the task in flight was sent
         self.next: Mirai[Any] | None = None  # prefetched behind ``task`` (local daemons)
+        self.drops = 0  # task-connection disconnects the daemon reported (pings)
+        self.sent_drops = 0  # ``drops`` when the task in flight was sent
 
     @property
     def idle(self) -> bool:
@@ -251,6 +255,7 @@ class Dispatcher:
         if d.task is None:
             d.task = m
             d.sent_at = time.monotonic()
+            d.sent_drops = d.drops
         else:
             d.next = m
         m.daemon = d
@@ -541,9 +546,15 @@ class Dispatcher:
     def _on_ping(self, d: DaemonConn, ping: Ping) -> None:
         """Catch a task or a result lost in a connection drop (ZeroMQ reconnects do not
         resend): the daemon says what it runs and what it last answered."""
+        d.drops = ping.drops
         m = d.task
         if m is None or ping.current == m.id or d.sent_at > time.monotonic() - LOST_AFTER:
             return
+        if ping.done == m.id:
+            if ping.drops == ping.done_drops:
+                return  # no disconnect since the reply was sent: it is in flight
+        elif ping.drops == d.sent_drops:
+            return  # no disconnect since we sent it: it is on its way
         d.task = None
         m.daemon = None
         if ping.done == m.id:  # it ran, but its reply was lost

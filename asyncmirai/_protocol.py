@@ -153,12 +153,16 @@ class Exit:
 class Ping:
     """Daemon -> host (control socket): liveness, sent periodically.
 
-    ``current`` is the task running now and ``done`` the last one it replied to, so the
-    host can tell a task or result lost in a connection drop from one still running.
+    ``current`` is the task running now and ``done`` the last one it replied to;
+    ``drops`` counts the task connection's disconnects so far and ``done_drops`` what it
+    was when that reply was sent.  With them the host tells a task or a result lost in a
+    connection drop (ZeroMQ does not resend across reconnects) from one in flight.
     """
 
     current: int | None = None
     done: int | None = None
+    drops: int = 0
+    done_drops: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +251,7 @@ def encode(msg: Message) -> list[Any]:
         return [_header(_CANCELLED, msg.id, extra=msg.revoked)]
     if cls is Ping:
         assert isinstance(msg, Ping)
-        return [_header(_PING, extra=[msg.current, msg.done])]
+        return [_header(_PING, extra=[msg.current, msg.done, msg.drops, msg.done_drops])]
     if cls is Hello:
         assert isinstance(msg, Hello)
         extra = [msg.pid, msg.host, msg.role, msg.token, msg.launch]
@@ -345,10 +349,15 @@ def decode(frames: Sequence[Any]) -> Message:
     if kind == _CANCELLED:
         return Cancelled(id, extra is True)
     if kind == _PING:
-        if type(extra) is list and len(extra) == 2:
-            current, done = extra
-            if (current is None or type(current) is int) and (done is None or type(done) is int):
-                return Ping(current, done)
+        if type(extra) is list and len(extra) == 4:
+            current, done, drops, done_drops = extra
+            if (
+                (current is None or type(current) is int)
+                and (done is None or type(done) is int)
+                and type(drops) is int
+                and type(done_drops) is int
+            ):
+                return Ping(current, done, drops, done_drops)
         raise _bad("malformed ping")
     if kind == _WELCOME:
         if n < 2:
