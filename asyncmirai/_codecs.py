@@ -478,17 +478,18 @@ def _by_reference(obj: Any) -> bool:
 
 def _plain(obj: Any, depth: int = 0) -> bool:
     """Whether C pickle alone serializes ``obj`` exactly as our pickler would: builtin
-    scalars, small containers of them, and functions/classes importable by name."""
+    scalars, containers of them (up to 4 levels deep), and functions/classes importable
+    by name."""
     t = type(obj)
     if t in _PLAIN_TYPES:
         return True
-    if depth < 2:
+    if depth < 4:
+        # A scan is linear but far cheaper than the codec hook, which runs per object.
         if t is tuple or t is list:
-            return len(obj) <= 32 and all(_plain(x, depth + 1) for x in obj)
+            plain = _PLAIN_TYPES
+            return all(type(x) in plain for x in obj) or all(_plain(x, depth + 1) for x in obj)
         if t is dict:
-            return len(obj) <= 32 and all(
-                type(k) is str and _plain(v, depth + 1) for k, v in obj.items()
-            )
+            return all(type(k) is str and _plain(v, depth + 1) for k, v in obj.items())
     if t is FunctionType or t is type:
         return _by_reference(obj)
     if t is BuiltinFunctionType:

@@ -201,11 +201,10 @@ class MiraiMap(Generic[T]):
                 self._first_error = _value_or_exc(m)
                 stop_now = self._stop
             elif m._state == VALUE and self._sizes is not None and self._first_error is None:
-                for ok, _ in m._value:
-                    if not ok:
-                        self._first_error = _chunk_errors(m._value)[0]
-                        stop_now = self._stop
-                        break
+                errors = m._value[1]
+                if errors:
+                    self._first_error = _remote(errors[min(errors)])
+                    stop_now = self._stop
             last = self._pending == 0
         bar = self._progress
         if bar is not None:
@@ -304,33 +303,29 @@ class MiraiMap(Generic[T]):
             raise
 
 
-def _chunk_errors(pairs: list[tuple[bool, Any]]) -> list[BaseException]:
-    return [v for ok, v in _unpack_pairs(pairs) if not ok]
-
-
-def _unpack_pairs(pairs: list[tuple[bool, Any]]) -> list[tuple[bool, Any]]:
+def _remote(record: Any) -> BaseException:
+    """A MiraiError from a daemon's error record (original exception as its cause)."""
     from ._errors import MiraiError
 
-    out = []
-    for ok, v in pairs:
-        if ok:
-            out.append((True, v))
-        else:
-            name, message, tb, blob = v
-            err = MiraiError(name, message, tb)
-            if blob is not None:
-                import pickle
+    name, message, tb, blob = record
+    err = MiraiError(name, message, tb)
+    if blob is not None:
+        import pickle
 
-                try:
-                    err.__cause__ = pickle.loads(blob)
-                except Exception:
-                    pass
-            out.append((False, err))
-    return out
+        try:
+            err.__cause__ = pickle.loads(blob)
+        except Exception:
+            pass
+    return err
 
 
-def _unpack_chunk(pairs: list[tuple[bool, Any]]) -> list[Any]:
-    return [v for _, v in _unpack_pairs(pairs)]
+def _unpack_chunk(result: tuple[list[Any], dict[int, Any]]) -> list[Any]:
+    values, errors = result
+    if errors:
+        values = list(values)
+        for i, record in errors.items():
+            values[i] = _remote(record)
+    return values
 
 
 def _make_progress(total: int, enabled: bool) -> Any:
@@ -379,23 +374,31 @@ def mirai_map(
 
     if not iterables:
         raise TypeError("mirai_map() needs at least one iterable")
-    keys: list[Any] | None = None
-    if len(iterables) == 1 and isinstance(iterables[0], Mapping):
-        keys = list(iterables[0].keys())
-        rows: list[tuple[Any, ...]] = [(v,) for v in iterables[0].values()]
-    else:
-        rows = list(zip(*iterables, strict=False))  # like map(): stop at the shortest
     if _chunksize is not None and (not isinstance(_chunksize, int) or _chunksize < 1):
         raise ValueError(f"_chunksize must be a positive int, got {_chunksize!r}")
+    keys: list[Any] | None = None
+    single = len(iterables) == 1
+    if single and isinstance(iterables[0], Mapping):
+        keys = list(iterables[0].keys())
+        items: list[Any] = list(iterables[0].values())
+    elif single:
+        items = list(iterables[0])
+    else:
+        items = list(zip(*iterables, strict=False))  # like map(): stop at the shortest
     opts: dict[str, Any] = {"_timeout": _timeout, "_retries": _retries, "_compute": _compute}
-    bar = _make_progress(len(rows), _progress)
+    bar = _make_progress(len(items), _progress)
     try:
         if _chunksize is None or _chunksize == 1:
-            ms = [mirai(fn, *row, **opts, **kwargs) for row in rows]
+            if single:
+                ms = [mirai(fn, x, **opts, **kwargs) for x in items]
+            else:
+                ms = [mirai(fn, *row, **opts, **kwargs) for row in items]
             handle: MiraiMap[T] = MiraiMap(keys, ms, None, _stop, bar)
         else:
-            chunks = [rows[i : i + _chunksize] for i in range(0, len(rows), _chunksize)]
-            ms = [mirai(run_chunk, fn, chunk, kwargs, **opts) for chunk in chunks]  # type: ignore[arg-type]
+            # One iterable: ship the elements themselves (no 1-tuples to build and unpack).
+            ckw = {**kwargs, "__single__": True} if single else kwargs
+            chunks = [items[i : i + _chunksize] for i in range(0, len(items), _chunksize)]
+            ms = [mirai(run_chunk, fn, chunk, ckw, **opts) for chunk in chunks]  # type: ignore[arg-type]
             handle = MiraiMap(keys, ms, [len(c) for c in chunks], _stop, bar)
     except BaseException:
         if bar is not None:
