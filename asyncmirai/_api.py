@@ -121,6 +121,7 @@ def daemons(  # type: ignore[overload-overlap]
     autoexit: float = 5.0,
     liveness: float = 30.0,
     curve: bool | None = None,
+    keys: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
     transport: str = "pipe",
 ) -> int: ...
 
@@ -144,6 +145,7 @@ def daemons(
     autoexit: float = 5.0,
     liveness: float = 30.0,
     curve: bool | None = None,
+    keys: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
     transport: str = "pipe",
 ) -> Daemons: ...
 
@@ -166,6 +168,7 @@ def daemons(
     autoexit: float = 5.0,
     liveness: float = 30.0,
     curve: bool | None = None,
+    keys: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
     transport: str = "pipe",
 ) -> Daemons | int:
     """Start daemons for a compute profile, or reset it with ``daemons(0)``.
@@ -194,6 +197,9 @@ def daemons(
         autoexit: seconds a daemon survives without a connection to the host.
         liveness: seconds without a ping before a remote daemon is declared lost.
         curve: force CurveZMQ on or off (default: on for tcp URLs).
+        keys: your own CurveZMQ certificates instead of generated ones: the paths of the
+            host's and the daemons' ``.key_secret`` files (``zmq.auth.create_certificates``
+            format).
         transport: how local daemons talk to the dispatcher: ``"pipe"`` (a socketpair
             each, the fastest on one machine) or ``"zmq"`` (they dial the profile's URL
             like remote daemons).  Remote daemons always use ZeroMQ.
@@ -218,6 +224,16 @@ def daemons(
     if url is not None and not url.startswith(("tcp://", "ipc://")):
         raise ValueError(f"url must start with tcp:// or ipc://, got {url!r}")
     configs = _as_configs(serial)
+    curve_keys = None
+    if keys is not None:
+        from ._security import load_keypair
+
+        if not (isinstance(keys, tuple | list) and len(keys) == 2):
+            raise ValueError("keys= takes (host .key_secret path, daemon .key_secret path)")
+        curve_keys = (load_keypair(keys[0]), load_keypair(keys[1]))
+        if curve is False:
+            raise ValueError("keys= needs CurveZMQ: do not pass curve=False with it")
+        curve = True
     count = n or 0
     local = 0 if remote is not None else count
     prof = Profile(
@@ -237,6 +253,7 @@ def daemons(
         curve=curve,
         sync=sync,
         transport=transport,
+        curve_keys=curve_keys,
     )
     with _REGISTRY_LOCK:
         profiles[compute] = prof

@@ -269,15 +269,7 @@ class Daemon:
                 frames = ch.recv()
             except (EOFError, OSError, RemoteProtocolError):
                 os._exit(EXIT_HOST_GONE)
-            try:
-                msg = _protocol.decode(frames)
-            except RemoteProtocolError:
-                continue
-            if isinstance(msg, Cancel):
-                if self._on_cancel(msg.id, msg.revoke):
-                    ch.send(_protocol.encode(Cancelled(msg.id, revoked=True)))
-            elif isinstance(msg, Exit):
-                os._exit(EXIT_OK)
+            self._on_control(frames, ch.send)
 
     def _ctrl_loop(self) -> None:
         if self.ctrl_channel is not None:
@@ -332,17 +324,9 @@ class Daemon:
                         gone_since = now
             if ctrl in events:
                 while ctrl.poll(0):
-                    frames = ctrl.recv_multipart()
-                    try:
-                        msg = _protocol.decode(frames)
-                    except RemoteProtocolError:
-                        continue
-                    if isinstance(msg, Cancel):
-                        if self._on_cancel(msg.id, msg.revoke):
-                            ack = Cancelled(msg.id, revoked=True)
-                            ctrl.send_multipart(_protocol.encode(ack), zmq.NOBLOCK)
-                    elif isinstance(msg, Exit):
-                        os._exit(EXIT_OK)
+                    self._on_control(
+                        ctrl.recv_multipart(), lambda f: ctrl.send_multipart(f, zmq.NOBLOCK)
+                    )
             if gone_since is not None and now - gone_since > self.autoexit:
                 os._exit(EXIT_HOST_GONE)
             if now >= next_ping:
@@ -354,6 +338,19 @@ class Daemon:
                 except zmq.Again:
                     pass
                 next_ping = now + self.ping_interval
+
+    def _on_control(self, frames: list[Any], send: Any) -> None:
+        """A message on the control channel: a cancel or revoke (acknowledged through
+        ``send``), or exit now."""
+        try:
+            msg = _protocol.decode(frames)
+        except RemoteProtocolError:
+            return
+        if isinstance(msg, Cancel):
+            if self._on_cancel(msg.id, msg.revoke):
+                send(_protocol.encode(Cancelled(msg.id, revoked=True)))
+        elif isinstance(msg, Exit):
+            os._exit(EXIT_OK)
 
     def _on_cancel(self, task_id: int, revoke: bool = False) -> bool:
         """Handle a cancel (control thread).  Returns True when a revoke was granted:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,7 +23,13 @@ from typing import Any
 import zmq
 
 from . import _codecs, _protocol
-from ._errors import DaemonError, MiraiError, MiraiTimeout, RemoteProtocolError
+from ._errors import (
+    DaemonError,
+    MiraiError,
+    MiraiTimeout,
+    RemoteProtocolError,
+    error_from_record,
+)
 from ._handle import CANCELLED, ERROR, VALUE, Mirai
 from ._protocol import (
     PROTOCOL_VERSION,
@@ -622,18 +627,10 @@ class Dispatcher:
 
     def _remote_error(self, msg: Result) -> BaseException:
         try:
-            name, message, tb, blob = _codecs.loads(
-                msg.body, msg.descriptors, msg.buffers, _codecs.DEFAULT_TABLE
-            )
+            record = _codecs.loads(msg.body, msg.descriptors, msg.buffers, _codecs.DEFAULT_TABLE)
+            return error_from_record(record)
         except Exception as exc:
             return _decode_failure(exc)
-        err = MiraiError(str(name), str(message), str(tb))
-        if blob is not None:
-            try:
-                err.__cause__ = pickle.loads(blob)
-            except Exception:
-                pass
-        return err
 
     # -- daemon loss ---------------------------------------------------------------
     def _lost(self, d: DaemonConn, reason: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "DaemonError",
     "LocalProtocolError",
@@ -10,6 +12,7 @@ __all__ = [
     "MiraiTimeout",
     "ProtocolError",
     "RemoteProtocolError",
+    "error_from_record",
 ]
 
 
@@ -39,6 +42,21 @@ class MiraiError(Exception):
         if self.remote_traceback:
             return f"{base}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
         return base
+
+
+def error_from_record(record: Any) -> MiraiError:
+    """The MiraiError for a daemon's error record ``(type name, message, traceback,
+    pickled exception or None)``; the original exception becomes its ``__cause__``."""
+    import pickle
+
+    name, message, tb, blob = record
+    err = MiraiError(str(name), str(message), str(tb))
+    if blob is not None:
+        try:
+            err.__cause__ = pickle.loads(blob)
+        except Exception:  # its class may not exist here: the text is kept
+            pass
+    return err
 
 
 class DaemonError(Exception):

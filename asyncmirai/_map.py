@@ -304,19 +304,9 @@ class MiraiMap(Generic[T]):
 
 
 def _remote(record: Any) -> BaseException:
-    """A MiraiError from a daemon's error record (original exception as its cause)."""
-    from ._errors import MiraiError
+    from ._errors import error_from_record
 
-    name, message, tb, blob = record
-    err = MiraiError(name, message, tb)
-    if blob is not None:
-        import pickle
-
-        try:
-            err.__cause__ = pickle.loads(blob)
-        except Exception:
-            pass
-    return err
+    return error_from_record(record)
 
 
 def _unpack_chunk(result: tuple[list[Any], dict[int, Any]]) -> list[Any]:

@@ -93,7 +93,9 @@ class Profile:
         curve: bool | None,
         sync: bool = False,
         transport: str = "pipe",
+        curve_keys: tuple[tuple[bytes, bytes], tuple[bytes, bytes]] | None = None,
     ) -> None:
+        self.curve_keys = curve_keys
         self.compute = compute
         self.transport = transport
         self.n_local = n
@@ -193,7 +195,10 @@ class Profile:
         if self.curve:
             from ._security import start_curve
 
-            self.curve_server, self.curve_client, self.authenticator = start_curve(self.ctx)
+            server, client = self.curve_keys or (None, None)
+            self.curve_server, self.curve_client, self.authenticator = start_curve(
+                self.ctx, client_keys=client, server_keys=server
+            )
             curve_secret = self.curve_server[1]
         welcome = self._welcome()
         d = Dispatcher(

@@ -13,20 +13,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # so tests can import helper modules, and daemons can too
     sys.path.insert(0, HERE)
 
+from servers import pid_alive  # noqa: E402  (one definition, shared with the fixtures)
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs (a zombie counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def wait_dead(pids: list[int], timeout: float = 5.0) -> list[int]:
