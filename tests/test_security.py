@@ -9,11 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import helpers_mod
 import pytest
 import zmq.auth
 
 import asyncmirai as am
-import helpers_mod
 
 pytestmark = pytest.mark.timeout(60)
 
