@@ -488,16 +488,15 @@ def _run_sync(
     prof: Profile, tid: int, kind: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Mirai[Any]:
     """sync=True: evaluate in this process now, same handle semantics."""
-    from ._daemon import error_record
+    from ._daemon import apply_seed, error_record
 
     index = next(prof.task_index)
     m: Mirai[Any] = Mirai(tid, None)
-    _codecs.dumps((fn, args, kwargs), prof.table)  # same "fails at mirai()" contract
+    _encode_call(kind, fn, args, kwargs, prof.table)  # same "fails at mirai()" contract
+    prof.sync_completed += 1
     try:
         if prof.seed is not None:
-            import random
-
-            random.seed(_derive_seed(prof.seed, index))
+            apply_seed(_derive_seed(prof.seed, index))
         if kind == CODE:
             value = eval_code(fn, dict(kwargs))
         else:

@@ -52,7 +52,7 @@ from ._transport import BlockingChannel
 if TYPE_CHECKING:
     import zmq
 
-__all__ = ["main", "register_serial", "run_chunk", "run_daemon"]
+__all__ = ["apply_seed", "main", "register_serial", "run_chunk", "run_daemon"]
 
 #: Exit codes a daemon uses, so the host can say why one went away.
 EXIT_OK = 0
@@ -121,6 +121,21 @@ def run_chunk(
             values.append(None)
             errors[i] = error_record(exc)
     return values, errors
+
+
+def apply_seed(seed: Any) -> None:
+    """Seed ``random``, and numpy and torch if loaded, for one task (``daemons(seed=)``)."""
+    if seed is None:
+        return
+    import random
+
+    random.seed(seed)
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed(seed % (1 << 32))
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
 
 
 def _set_pdeathsig(parent: int) -> None:
@@ -492,19 +507,6 @@ class Daemon:
             with self.lock:
                 self.async_task = None
 
-    def _apply_seed(self, seed: Any) -> None:
-        if seed is None:
-            return
-        import random
-
-        random.seed(seed)
-        np = sys.modules.get("numpy")
-        if np is not None:
-            np.random.seed(seed % (1 << 32))
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            torch.manual_seed(seed)
-
     def _run_task(self, msg: Task) -> None:
         tid = msg.id
         try:
@@ -526,7 +528,7 @@ class Daemon:
                         raise _HostCancel()
                     self.current = tid
                 if msg.extra:
-                    self._apply_seed(msg.extra.get("seed"))
+                    apply_seed(msg.extra.get("seed"))
                 value = self._payload(msg.body, msg.descriptors, msg.buffers)
                 ok = True
             except _HostCancel:

@@ -108,6 +108,7 @@ class Profile:
         self.table = _codecs.CodecTable(self.serial) if self.serial else _codecs.DEFAULT_TABLE
         self.options = {"maxtasks": maxtasks, "idletime": idletime, "walltime": walltime}
         self.task_index = itertools.count()
+        self.sync_completed = 0
         self.procs: dict[int, LocalProcess] = {}
         self.closing = False
         self.early_failures = 0
@@ -420,7 +421,7 @@ class Profile:
                 "url": "sync",
                 "awaiting": 0,
                 "executing": 0,
-                "completed": next(self.task_index),
+                "completed": self.sync_completed,
                 "daemons": [],
             }
         assert self.dispatcher is not None

@@ -180,3 +180,13 @@ def test_output_forwarding_is_attributed(capfd: pytest.CaptureFixture[str]) -> N
 def test_sync_mode_map() -> None:
     with am.daemons(sync=True, seed=1):
         assert am.mirai_map(helpers_mod.inc, range(5)).result() == [1, 2, 3, 4, 5]
+
+
+def test_sync_mode_status_counts_and_seeds_like_daemons() -> None:
+    with am.daemons(1, seed=3):
+        on_daemon = am.mirai_map(draw, range(5)).result(60)
+    with am.daemons(sync=True, seed=3):
+        s0 = am.status()
+        in_process = am.mirai_map(draw, range(5)).result()
+        assert am.status().completed == 5 and s0.completed == 0
+    assert in_process == on_daemon
