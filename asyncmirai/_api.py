@@ -182,7 +182,8 @@ def daemons(
         url: listen here instead of a private ipc socket, e.g. ``"tcp://0.0.0.0:0"`` for
             remote daemons (CurveZMQ encryption and authentication are on by default).
         remote: a launcher (:func:`ssh_config`, :func:`cluster_config`) that starts ``n``
-            remote daemons (then no local ones are started).
+            remote daemons (default: one per ssh host; no local ones are started).
+            Without ``url=`` the profile listens on :func:`host_url`.
         compute: the profile's name; profiles are independent.
         serial: :func:`serial_config` codec(s) for this profile, on host and daemons.
         seed: make randomness reproducible: each task gets its own stream derived from
@@ -214,8 +215,10 @@ def daemons(
     _reset(compute, wait=True)
     if n == 0 and url is None and not sync:
         return 0
+    if remote is not None and url is None:
+        url = host_url()
     if n is None and url is None and not sync:
-        raise ValueError("daemons() needs a number of daemons, url=, or sync=True")
+        raise ValueError("daemons() needs a number of daemons, url=, remote= or sync=True")
     for name, v in (("maxtasks", maxtasks), ("idletime", idletime), ("walltime", walltime)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v <= 0):
             raise ValueError(f"{name} must be a positive number, got {v!r}")
@@ -235,6 +238,8 @@ def daemons(
             raise ValueError("keys= needs CurveZMQ: do not pass curve=False with it")
         curve = True
     count = n or 0
+    if remote is not None and n is None:  # as in mirai: one daemon per remote host
+        count = len(getattr(remote, "remotes", ())) or 1
     local = 0 if remote is not None else count
     prof = Profile(
         compute,

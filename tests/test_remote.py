@@ -816,3 +816,17 @@ def test_netns_daemon_over_veth(netns: NetNS, spawn: Spawner) -> None:
         assert p.wait(20) == 4, spawn.logs()  # EXIT_HOST_GONE
     gone_s = time.monotonic() - t0
     print(f"netns: task failed {lost_s:.1f} s and daemons exited {gone_s:.1f} s after link down")
+
+
+@pytest.mark.timeout(60)
+def test_ssh_one_daemon_per_host_by_default(sshd: SSHServer) -> None:
+    # mirai's form: no n (one daemon per remote host) and no url (the host's address)
+    base = _ssh_config(sshd)
+    two_hosts = am.ssh_config([sshd.remote, sshd.remote], python=base.python, args=base.args)
+    d = am.daemons(remote=two_hosts)
+    assert d == 2 and am.status().url.startswith("tcp://")
+    wait_connections(2)
+    pids = {r.pid for r in am.status().daemons}
+    assert am.mirai(os.getpid).result(20) in pids
+    am.daemons(0)
+    assert not [p for p in pids if not _wait_dead(p, 10)]
