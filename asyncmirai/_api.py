@@ -371,7 +371,7 @@ def launch_remote(n: int = 1, *, remote: Any = None, compute: str = "default") -
     python = getattr(remote, "python", None) or "python3"
     cmds = []
     for i in range(n):
-        argv = prof.daemon_command(python=python, launch=f"remote-{os.getpid()}-{i}")
+        argv = prof.daemon_command(python=python, launch=f"remote-{os.getpid()}-{i}", remote=True)
         if remote is not None and hasattr(remote, "rewrite_url"):
             argv[4] = remote.rewrite_url(argv[4])
         # ``python`` is a shell fragment ("env X=1 python", "conda run -n env python"):

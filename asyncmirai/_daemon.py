@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import ctypes
+import io
 import os
 import pickle
 import signal
@@ -40,6 +41,7 @@ from ._protocol import (
     Cancelled,
     Exit,
     Hello,
+    Output,
     Ping,
     Refuse,
     Retire,
@@ -185,6 +187,43 @@ class _ChannelEnd(BlockingChannel):
         self.sock.close()
 
 
+class _Forward(io.TextIOBase):
+    """A daemon's stdout or stderr, forwarded to the host as Output messages.
+
+    Only the main thread owns the task socket, so text written from other threads waits
+    in the buffer until the main thread flushes (after each task at the latest).
+    """
+
+    def __init__(self, name: str, daemon: Daemon) -> None:
+        self.name = name
+        self.daemon = daemon
+        self.parts: list[str] = []
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        with self.lock:
+            self.parts.append(s)
+            self.size += len(s)
+            big = self.size > 65536
+        if big:
+            self.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        if threading.get_ident() != self.daemon.main_ident:
+            return
+        with self.lock:
+            text = "".join(self.parts)
+            self.parts.clear()
+            self.size = 0
+        if text:
+            self.daemon.task.send(_protocol.encode(Output(self.name, text.encode())))
+
+
 _End = Union[_ZmqEnd, _ChannelEnd]  # noqa: UP007 - a runtime alias on 3.10
 _CURRENT: Daemon | None = None
 
@@ -245,6 +284,7 @@ class Daemon:
         self.maxtasks: int | None = None
         self.idletime: float | None = None
         self.walltime: float | None = None
+        self.forwarders: list[_Forward] = []
         self.done = 0
         self.last_done: int | None = None  # last task replied to (reported in pings)
         self.drops = 0  # disconnects of the task connection (ZeroMQ daemons)
@@ -558,6 +598,15 @@ class Daemon:
         if why:
             self._retire(why)
 
+    def forward_output(self) -> None:
+        """Send what is printed to stdout/stderr to the host (remote daemons)."""
+        self.forwarders = [_Forward("stdout", self), _Forward("stderr", self)]
+        sys.stdout, sys.stderr = self.forwarders
+
+    def _flush_output(self) -> None:
+        for f in self.forwarders:
+            f.flush()
+
     def _run_setup(self, msg: Setup) -> None:
         try:
             value, ok = self._payload(msg.body, msg.descriptors, msg.buffers), True
@@ -566,6 +615,8 @@ class Daemon:
         self._reply(msg.id, ok, value)
 
     def _reply(self, tid: int, ok: bool, value: Any) -> None:
+        if self.forwarders:  # what the task printed arrives before its result
+            self._flush_output()
         try:
             body, desc, bufs = _codecs.dumps(value, self.table)
         except BaseException as exc:
@@ -593,6 +644,11 @@ def run_daemon(argv: Sequence[str] | None = None) -> int:
         help="seconds without a connection to the host before exiting (default 5)",
     )
     p.add_argument("--ping", type=float, default=1.0, help="seconds between liveness pings")
+    p.add_argument(
+        "--output",
+        action="store_true",
+        help="send this daemon's stdout/stderr to the host (shown there, prefixed)",
+    )
     p.add_argument("--curve-server-key", help="host's CurveZMQ public key (Z85)")
     p.add_argument("--curve-public-key", help="this daemon's CurveZMQ public key (Z85)")
     p.add_argument("--curve-secret-key", help="this daemon's CurveZMQ secret key (Z85)")
@@ -606,6 +662,8 @@ def run_daemon(argv: Sequence[str] | None = None) -> int:
             p.error("--curve-server-key, --curve-public-key and --curve-secret-key go together")
         curve = (keys[0].encode(), keys[1].encode(), keys[2].encode())
     d = Daemon(args.url, launch=args.launch, autoexit=args.autoexit, ping=args.ping, curve=curve)
+    if args.output:
+        d.forward_output()
     code = d.run()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -228,13 +228,20 @@ class Profile:
         return bytes(cloudpickle.dumps(cfg, protocol=5))
 
     def daemon_command(
-        self, *, python: str | None = None, launch: str = "", url: str | None = None
+        self,
+        *,
+        python: str | None = None,
+        launch: str = "",
+        url: str | None = None,
+        remote: bool = False,
     ) -> list[str]:
         """argv that starts one daemon for this profile (keys included for tcp)."""
         argv = [python or sys.executable, "-m", "asyncmirai", "daemon", url or self.url]
         if launch:
             argv += ["--launch", launch]
         argv += ["--autoexit", str(self.autoexit)]
+        if remote and self.output:  # local daemons' output comes through pipes instead
+            argv += ["--output"]
         if self.curve_server is not None and self.curve_client is not None and url is None:
             # "--flag=VALUE": a Z85 key may start with "-", which argparse would take
             # for an option in "--flag VALUE".

@@ -75,3 +75,22 @@ async def test_busy_host_loop_does_not_declare_remote_daemons_dead() -> None:
         finally:
             am.daemons(0)
             p.wait(10)
+
+
+def test_remote_daemon_output_is_forwarded(capfd: pytest.CaptureFixture[str]) -> None:
+    with am.daemons(url="tcp://127.0.0.1:0", output=True):
+        (cmd,) = am.launch_remote(1)
+        assert "--output" in cmd
+        p = _spawn(cmd)
+        try:
+            _wait_connections(1)
+            am.mirai(print, "printed on the remote daemon").result(20)
+            am.mirai("import sys; print('to stderr', file=sys.stderr)").result(20)
+            time.sleep(0.2)
+        finally:
+            am.daemons(0)
+            p.wait(10)
+    out, err = capfd.readouterr()
+    line = [ln for ln in out.splitlines() if "printed on the remote daemon" in ln]
+    assert line and line[0].startswith(f"[default pid {p.pid}@")
+    assert any("to stderr" in ln and ln.startswith("[default pid") for ln in err.splitlines())
