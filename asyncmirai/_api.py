@@ -332,6 +332,11 @@ class Status:
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
 
+    @property
+    def rows(self) -> list[DaemonInfo]:
+        """The per-daemon rows (same as ``daemons``)."""
+        return self.daemons
+
 
 def status(compute: str = "default") -> Status:
     """Return a :class:`Status` snapshot of the compute profile.
