@@ -35,6 +35,7 @@ _EXPORTS = {
     "MiraiCancelled": "_errors",
     "MiraiError": "_errors",
     "MiraiTimeout": "_errors",
+    "SerializationError": "_errors",
     "Mirai": "_handle",
     "MiraiMap": "_map",
     "as_completed": "_map",
@@ -58,6 +59,7 @@ __all__ = [
     "MiraiMap",
     "MiraiTimeout",
     "SerialConfig",
+    "SerializationError",
     "Status",
     "as_completed",
     "cluster_config",
@@ -94,7 +96,13 @@ if TYPE_CHECKING:
         status,
     )
     from ._codecs import SerialConfig, serial_config
-    from ._errors import DaemonError, MiraiCancelled, MiraiError, MiraiTimeout
+    from ._errors import (
+        DaemonError,
+        MiraiCancelled,
+        MiraiError,
+        MiraiTimeout,
+        SerializationError,
+    )
     from ._executor import MiraiExecutor, executor
     from ._handle import Mirai
     from ._map import MiraiMap, as_completed, collect, mirai_map, race

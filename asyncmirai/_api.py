@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, overload
 from . import _codecs, _protocol
 from ._daemon import CALL, CODE, eval_code
 from ._dispatcher import SetupItem
-from ._errors import MiraiError
+from ._errors import MiraiError, SerializationError
 from ._handle import ERROR, VALUE, Mirai
 from ._profile import _REGISTRY_LOCK, Profile, profiles
 
@@ -427,7 +427,7 @@ def _encode_call(
         return _codecs.dumps((kind, fn, args, kwargs), table)
     except Exception as exc:
         what = _culprit(fn, args, kwargs, table)
-        raise TypeError(f"mirai(): cannot serialize {what}: {exc}") from exc
+        raise SerializationError(f"mirai(): cannot serialize {what}: {exc}") from exc
 
 
 def _culprit(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], table: Any) -> str:
@@ -466,7 +466,8 @@ def mirai(
         _retries: re-queue the task up to this many times if its daemon dies.
 
     Raises:
-        TypeError: the function or an argument cannot be serialized (nothing was sent).
+        SerializationError: (a TypeError and pickle.PicklingError) the function or an
+            argument cannot be serialized; nothing was sent.
         RuntimeError: no daemons are set for the profile.
     """
     prof = _profile(_compute)

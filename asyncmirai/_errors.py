@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "MiraiTimeout",
     "ProtocolError",
     "RemoteProtocolError",
+    "SerializationError",
     "error_from_record",
 ]
 
@@ -47,8 +49,6 @@ class MiraiError(Exception):
 def error_from_record(record: Any) -> MiraiError:
     """The MiraiError for a daemon's error record ``(type name, message, traceback,
     pickled exception or None)``; the original exception becomes its ``__cause__``."""
-    import pickle
-
     name, message, tb, blob = record
     err = MiraiError(str(name), str(message), str(tb))
     if blob is not None:
@@ -69,6 +69,13 @@ class MiraiTimeout(TimeoutError):
 
 class MiraiCancelled(Exception):
     """Raised by ``Mirai.result()`` (and executors) for a cancelled task."""
+
+
+class SerializationError(TypeError, pickle.PicklingError):
+    """An argument (or the function) of a task cannot be serialized; nothing was sent.
+
+    Both a ``TypeError`` and a ``pickle.PicklingError``, so either ``except`` catches it.
+    """
 
 
 class ProtocolError(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -129,6 +130,10 @@ async def test_unpicklable_argument_fails_at_mirai_and_sends_nothing() -> None:
             am.mirai(helpers_mod.inc, 1, lock)
         with pytest.raises(TypeError, match="keyword argument 'k'"):
             am.mirai(dict, k=lock)
+        with pytest.raises(pickle.PicklingError):
+            am.mirai(helpers_mod.inc, lock)
+        with pytest.raises(am.SerializationError):
+            am.mirai(helpers_mod.inc, lock)
         assert am.status().completed == 0
         assert await am.mirai(helpers_mod.inc, 1) == 2
 
