@@ -22,7 +22,8 @@ class MiraiError(Exception):
     """The task's function raised on the daemon.
 
     Attributes:
-        type_name: qualified name of the remote exception's type, e.g. ``"builtins.ValueError"``.
+        type_name: the remote exception's type: ``"ValueError"`` for builtins, else its
+            module-qualified name, e.g. ``"mypkg.errors.BadInput"``.
         message: ``str()`` of the remote exception.
         remote_traceback: the formatted traceback, as text, from the daemon.
 
