@@ -94,7 +94,14 @@ class Mirai(Generic[T]):
         timer = self.timer
         if timer is not None:
             self.timer = None
-            timer.cancel()
+            prof = self._profile
+            if prof is None or threading.get_ident() == prof.loop_thread_id:
+                timer.cancel()
+            else:  # asyncio handles are not thread-safe: cancel it on its loop
+                try:
+                    prof.loop.call_soon_threadsafe(timer.cancel)
+                except RuntimeError:  # loop closed: nothing left to cancel
+                    pass
         if callbacks:
             for cb in callbacks:
                 try:
