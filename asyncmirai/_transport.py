@@ -45,6 +45,7 @@ IOV_MAX = 512  # below the kernel's 1024 limit on buffers per sendmsg
 _SHM_BIT = 1 << 63
 _HAS_MEMFD = hasattr(os, "memfd_create")
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # Linux; elsewhere fds stay inheritable
 
 _u32 = struct.Struct("<I")
 _lengths: dict[int, struct.Struct] = {}
@@ -144,7 +145,7 @@ class FrameReader:
 
     def _recv(self, sock: socket.socket, into: memoryview) -> int:
         # recvmsg, never recv: a plain recv would silently drop passed file descriptors.
-        n, anc, flags, _ = sock.recvmsg_into([into], _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
+        n, anc, flags, _ = sock.recvmsg_into([into], _ANC_SPACE, _CMSG_CLOEXEC)
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
