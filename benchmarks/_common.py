@@ -1,6 +1,6 @@
 """Shared helpers for the benchmarks.
 
-Importable by every peer process (daemons, pool workers): ``latency.py`` puts this
+Importable by every peer process (daemons, pool workers): ``share_import_path()`` puts this
 directory on ``sys.path`` and ``PYTHONPATH`` before starting anything, so ``_common.inc``
 pickles by reference everywhere.  Also a tiny ZeroMQ echo server:
 ``python _common.py echo ipc:///path``.
@@ -8,8 +8,25 @@ pickles by reference everywhere.  Also a tiny ZeroMQ echo server:
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+
+
+def share_import_path() -> None:
+    """Put the repository and this directory on ``sys.path`` and ``PYTHONPATH``, so every
+    peer process (daemons, pool workers, dask workers) imports benchmark modules by name."""
+    for p in (str(REPO), str(BENCH_DIR)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(BENCH_DIR), str(REPO)]
+        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
 
 
 def inc(x: int) -> int:

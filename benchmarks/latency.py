@@ -41,18 +41,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-# every peer (asyncmirai daemons, anyio workers, loky/PPE workers) must import _common.inc
-for _p in (str(REPO), str(BENCH_DIR)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(BENCH_DIR), str(REPO)]
-    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+from _common import BENCH_DIR, REPO, share_import_path  # noqa: E402
+
+share_import_path()  # every peer must import _common.inc by name
 from _common import inc, summarize_us  # noqa: E402
 
 perf = time.perf_counter

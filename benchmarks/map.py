@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import platform
-import sys
 import time
 import traceback
 import warnings
@@ -39,18 +38,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-# every peer (asyncmirai daemons, pool workers, dask workers) must import _common.inc
-for _p in (str(REPO), str(BENCH_DIR)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(BENCH_DIR), str(REPO)]
-    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+from _common import BENCH_DIR, share_import_path  # noqa: E402
+
+share_import_path()  # every peer must import _common.inc by name
 from _common import inc  # noqa: E402
 
 perf = time.perf_counter

@@ -478,13 +478,9 @@ def main() -> None:
     args = ap.parse_args()
 
     # every peer must import this module as ``tensors`` (pickled by reference)
-    for p in (str(REPO), str(BENCH_DIR)):
-        if p not in sys.path:
-            sys.path.insert(0, p)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(BENCH_DIR), str(REPO)]
-        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
+    from _common import share_import_path
+
+    share_import_path()
     import numpy
     import tensors as mod
     import torch
