@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -574,11 +575,11 @@ def start_slurm(timeout: float = 30) -> Iterator[SlurmCluster]:
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def sshd_server() -> Iterator[SSHServer]:
-    """Session-scoped private sshd (skips when OpenSSH is not installed)."""
+def serve(start: Callable[[], Any]) -> Iterator[Any]:
+    """Body of a server fixture: start it (skip the test when it is unavailable), yield
+    it, tear it down."""
     try:
-        cm = start_sshd()
+        cm = start()
         server = cm.__enter__()
     except ServerUnavailable as exc:
         pytest.skip(str(exc))
@@ -589,14 +590,12 @@ def sshd_server() -> Iterator[SSHServer]:
 
 
 @pytest.fixture(scope="session")
+def sshd_server() -> Iterator[SSHServer]:
+    """Session-scoped private sshd (skips when OpenSSH is not installed)."""
+    yield from serve(start_sshd)
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """Session-scoped private single-node Slurm (skips when Slurm is not installed)."""
-    try:
-        cm = start_slurm()
-        cluster = cm.__enter__()
-    except ServerUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        yield cluster
-    finally:
-        cm.__exit__(None, None, None)
+    yield from serve(start_slurm)

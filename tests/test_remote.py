@@ -32,20 +32,20 @@ from asyncmirai.launchers import SSHConfig
 
 try:
     from tests.servers import (
-        ServerUnavailable,
         SlurmCluster,
         SSHServer,
         pid_alive,
+        serve,
         slurm_cluster,
         start_sshd,
         wait_for,
     )
 except ImportError:  # tests/ itself on sys.path (rootdir-less runs)
     from servers import (  # type: ignore[no-redef]
-        ServerUnavailable,
         SlurmCluster,
         SSHServer,
         pid_alive,
+        serve,
         slurm_cluster,
         start_sshd,
         wait_for,
@@ -557,15 +557,7 @@ def test_remote_daemon_exits_after_reset_without_goodbye(spawn: Spawner) -> None
 
 @pytest.fixture(scope="module")
 def sshd() -> Iterator[SSHServer]:
-    try:
-        cm = start_sshd()
-        server = cm.__enter__()
-    except ServerUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        yield server
-    finally:
-        cm.__exit__(None, None, None)
+    yield from serve(start_sshd)
 
 
 def _ssh_config(server: SSHServer, tunnel: bool = False) -> SSHConfig:
