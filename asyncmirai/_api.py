@@ -11,7 +11,7 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
@@ -578,9 +578,9 @@ def everywhere(
         kind = CALL
     else:
         raise TypeError(f"everywhere() takes a callable or a code string, not {type(fn).__name__}")
+    if configs:
+        prof.add_serial(configs)
     if prof.sync:
-        if configs:
-            prof.table = prof.table.extend(configs)
         m = _run_sync(prof, next(_task_ids), kind, fn, args, kwargs)
         h: Mirai[list[Any]] = Everywhere(m.id, None)
         if m._state == VALUE:
@@ -591,9 +591,6 @@ def everywhere(
     if configs:
         from ._daemon import register_serial
 
-        prof.table = prof.table.extend(configs)
-        if prof.dispatcher is not None:  # it decodes results with its own reference
-            prof.dispatcher.table = prof.table
         _everywhere(prof, CALL, register_serial, (configs,), {})
     return _everywhere(prof, kind, fn, args, kwargs)
 
@@ -616,7 +613,3 @@ def _reset_all() -> None:
             _reset(name, wait=True)
         except Exception:  # interpreter teardown: do what we can
             print(f"asyncmirai: could not reset profile {name!r} at exit", file=sys.stderr)
-
-
-def _iter_profiles() -> Iterable[str]:
-    return list(profiles)

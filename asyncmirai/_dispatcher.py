@@ -162,6 +162,8 @@ class Dispatcher:
         curve_secret: bytes | None = None,
         on_kill: Callable[[DaemonConn], None] | None = None,
         on_output: Callable[[DaemonConn, Output], None] | None = None,
+        is_local: Callable[[DaemonConn], bool] | None = None,
+        expected_local: int = 0,
         prefetch: bool = True,
     ) -> None:
         self.loop = loop
@@ -171,8 +173,10 @@ class Dispatcher:
         self.liveness = liveness
         self.on_kill = on_kill
         self.on_output = on_output
+        self.is_local = is_local or (lambda d: False)  # is it one of the host's processes?
         self.prefetch = prefetch
         self.revoking: set[int] = set()
+        self.prefetched = False  # some daemon may hold a prefetched task (cleared by a scan)
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -197,7 +201,7 @@ class Dispatcher:
         self.setups: list[SetupItem] = []
         self.channels: dict[bytes, LoopChannel] = {}  # local daemons' socketpairs
         self.setup_ids: dict[int, SetupItem] = {}
-        self.expected_local = 0
+        self.expected_local = expected_local
         self.completed = 0
         self.closed = False
         self._check_scheduled = False
@@ -263,6 +267,7 @@ class Dispatcher:
             d.sent_drops = d.drops
         else:
             d.next = m
+            self.prefetched = True
         m.daemon = d
         frames = m.frames
         assert frames is not None
@@ -319,12 +324,19 @@ class Dispatcher:
     def _revoke_for_idle(self) -> None:
         """A daemon is idle with nothing queued: take back a task prefetched behind a busy
         one (if it has not started), so it runs here instead of waiting there."""
+        if not self.prefetched:  # the sequential case: nothing to scan
+            return
+        found = False
         for d in self.daemons.values():
             m = d.next
-            if m is not None and not m._state and m.id not in self.revoking and d.ctrl_ident:
+            if m is None:
+                continue
+            found = True
+            if not m._state and m.id not in self.revoking and d.ctrl_ident:
                 self.revoking.add(m.id)
                 self._to(d.ctrl_ident, _protocol.encode(Cancel(m.id, revoke=True)))
                 return
+        self.prefetched = found
 
     # -- cancel and timeout --------------------------------------------------------
     def cancel(self, m: Mirai[Any], state: int = CANCELLED, value: Any = None) -> bool:
@@ -504,10 +516,6 @@ class Dispatcher:
                 self._to(ident, item.frames)
         self._make_idle(d)
         self._schedule_check()
-
-    def is_local(self, d: DaemonConn) -> bool:
-        """Overridden by the profile: whether ``d`` is one of its local processes."""
-        return False
 
     def _on_result(self, d: DaemonConn, msg: Result) -> None:
         m = d.task

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
-from ._errors import MiraiCancelled
+from ._errors import MiraiCancelled, error_from_record
 from ._handle import CANCELLED, PENDING, VALUE, Mirai
 
 __all__ = ["MiraiMap", "as_completed", "collect", "mirai_map", "race"]
@@ -203,7 +203,7 @@ class MiraiMap(Generic[T]):
             elif m._state == VALUE and self._sizes is not None and self._first_error is None:
                 errors = m._value[1]
                 if errors:
-                    self._first_error = _remote(errors[min(errors)])
+                    self._first_error = error_from_record(errors[min(errors)])
                     stop_now = self._stop
             last = self._pending == 0
         bar = self._progress
@@ -303,18 +303,12 @@ class MiraiMap(Generic[T]):
             raise
 
 
-def _remote(record: Any) -> BaseException:
-    from ._errors import error_from_record
-
-    return error_from_record(record)
-
-
 def _unpack_chunk(result: tuple[list[Any], dict[int, Any]]) -> list[Any]:
     values, errors = result
     if errors:
         values = list(values)
         for i, record in errors.items():
-            values[i] = _remote(record)
+            values[i] = error_from_record(record)
     return values
 
 

@@ -114,7 +114,6 @@ class Profile:
         self.early_failures = 0
         self.broken: str | None = None
         self.launchers: list[Any] = []  # handles of remote launches, terminated on reset
-        self._reapers: list[threading.Thread] = []
         self.tmpdir = tempfile.mkdtemp(prefix="asyncmirai-")  # 0700
         self.curve_server: tuple[bytes, bytes] | None = None
         self.curve_client: tuple[bytes, bytes] | None = None
@@ -213,9 +212,9 @@ class Profile:
             curve_secret=curve_secret,
             on_kill=self._kill_daemon,
             on_output=self._on_output,
+            is_local=self._is_local,
+            expected_local=self.n_local,
         )
-        d.is_local = self._is_local  # type: ignore[method-assign]
-        d.expected_local = self.n_local
         self.dispatcher = d
         self.url = d.url
         if self.n_local:
@@ -435,6 +434,13 @@ class Profile:
         if self.loop.is_closed():
             return self.dispatcher.status()
         return self.on_loop(self.dispatcher.status)
+
+    def add_serial(self, configs: Sequence[_codecs.SerialConfig]) -> None:
+        """Register more codecs, for the arguments encoded here and the results decoded
+        by the dispatcher (which holds the same table)."""
+        self.table = self.table.extend(configs)
+        if self.dispatcher is not None:
+            self.dispatcher.table = self.table
 
     def launch_local(self, k: int) -> None:
         """Add ``k`` local daemons (thread-safe)."""
