@@ -363,10 +363,16 @@ def launch_local(n: int = 1, *, compute: str = "default") -> int:
 def launch_remote(n: int = 1, *, remote: Any = None, compute: str = "default") -> list[str]:
     """Shell commands that start ``n`` daemons for a profile elsewhere (keys included).
 
-    With ``remote`` (an :func:`ssh_config` or :func:`cluster_config`) the commands are also
-    run through that launcher.
+    On a CurveZMQ profile the public keys are on the command line and the daemon's secret
+    key is in a quoted here-document that becomes its stdin (``--secret-fd 0``): feed a
+    command to a shell's *stdin* (``sh -s``, ``ssh node sh -s``, a job script), never to
+    ``sh -c``, which would put the secret on that shell's argv.  With ``remote`` (an
+    :func:`ssh_config` or :func:`cluster_config`) the commands are also run through that
+    launcher.
     """
     import shlex
+
+    from ._security import with_secret
 
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
@@ -381,7 +387,10 @@ def launch_remote(n: int = 1, *, remote: Any = None, compute: str = "default") -
             argv[4] = remote.rewrite_url(argv[4])
         # ``python`` is a shell fragment ("env X=1 python", "conda run -n env python"):
         # written as is, not quoted as one word.
-        cmds.append(f"{python} {shlex.join(argv[1:])}")
+        cmd = f"{python} {shlex.join(argv[1:])}"
+        if prof.curve_client is not None:  # the secret goes to stdin, never on argv
+            cmd = with_secret(cmd, prof.curve_client[1])
+        cmds.append(cmd)
     if remote is not None:
         handles = remote.launch(cmds, url=prof.url) if _takes_url(remote) else remote.launch(cmds)
         prof.launchers.extend(handles)

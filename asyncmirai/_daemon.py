@@ -32,7 +32,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, NoReturn, Union
 
 from . import _codecs, _protocol
 from ._errors import RemoteProtocolError
@@ -151,6 +151,66 @@ def _set_pdeathsig(parent: int) -> None:
         os._exit(EXIT_HOST_GONE)
 
 
+def _kill_group() -> None:
+    """SIGKILL the rest of this daemon's process group: what its tasks started.
+
+    Only when the daemon leads its group (local daemons: the host starts each in a new
+    session); a remote daemon shares its launcher's group and leaves it alone.  The
+    host also kills the group after reaping a local daemon, for members forked while
+    this scan ran.
+    """
+    me = os.getpid()
+    try:
+        if os.getpgrp() != me:
+            return
+        names = os.listdir("/proc")
+    except OSError:
+        return
+    for name in names:
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            if os.getpgid(int(name)) == me:
+                os.kill(int(name), signal.SIGKILL)
+        except OSError:
+            continue
+
+
+def _exit(code: int) -> NoReturn:
+    """End the daemon now (no interpreter teardown), and its process group with it."""
+    _kill_group()
+    os._exit(code)
+
+
+class _Forked:
+    """The task end in a process that a task forked (see ``Daemon._after_fork_child``).
+
+    The child never reads or writes the host's channel: if it falls back into the
+    daemon's loop (a task that forks and returns in both processes), it exits quietly.
+    """
+
+    def send(self, frames: Sequence[Any]) -> None:
+        self._leave()
+
+    def recv(self) -> list[Any]:
+        self._leave()
+
+    def poll(self, timeout: float | None) -> bool:
+        self._leave()
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def _leave() -> NoReturn:
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except Exception:
+                pass
+        os._exit(EXIT_OK)
+
+
 _RCVMORE = 13  # zmq.RCVMORE, without importing zmq in local daemons
 
 
@@ -224,7 +284,7 @@ class _Forward(io.TextIOBase):
             self.daemon.task.send(_protocol.encode(Output(self.name, text.encode())))
 
 
-_End = Union[_ZmqEnd, _ChannelEnd]  # noqa: UP007 - a runtime alias on 3.10
+_End = Union[_ZmqEnd, _ChannelEnd, _Forked]  # noqa: UP007 - a runtime alias on 3.10
 _CURRENT: Daemon | None = None
 
 
@@ -291,6 +351,9 @@ class Daemon:
         self.done_drops = 0  # ``drops`` when the last reply was sent
         self.retiring = False
         self.started = time.monotonic()
+        self.pid = os.getpid()
+        self.forked_from: int | None = None  # set in a process forked by a task
+        self.held: tuple[Any, ...] = ()
 
     def _dial(self, ident: bytes, curve: tuple[bytes, bytes, bytes] | None) -> zmq.Socket[Any]:
         import zmq
@@ -323,7 +386,7 @@ class Daemon:
             try:
                 frames = ch.recv()
             except (EOFError, OSError, RemoteProtocolError):
-                os._exit(EXIT_HOST_GONE)
+                _exit(EXIT_HOST_GONE)
             self._on_control(frames, ch.send)
 
     def _ctrl_loop(self) -> None:
@@ -383,7 +446,7 @@ class Daemon:
                         ctrl.recv_multipart(), lambda f: ctrl.send_multipart(f, zmq.NOBLOCK)
                     )
             if gone_since is not None and now - gone_since > self.autoexit:
-                os._exit(EXIT_HOST_GONE)
+                _exit(EXIT_HOST_GONE)
             if now >= next_ping:
                 # Never block: with no handshaken peer a DEALER send waits forever, and
                 # this loop is what enforces autoexit.
@@ -405,7 +468,7 @@ class Daemon:
             if self._on_cancel(msg.id, msg.revoke):
                 send(_protocol.encode(Cancelled(msg.id, revoked=True)))
         elif isinstance(msg, Exit):
-            os._exit(EXIT_OK)
+            _exit(EXIT_OK)
 
     def _on_cancel(self, task_id: int, revoke: bool = False) -> bool:
         """Handle a cancel (control thread).  Returns True when a revoke was granted:
@@ -458,10 +521,37 @@ class Daemon:
         self.idletime = cfg.get("idletime")
         self.walltime = cfg.get("walltime")
 
+    def _after_fork_child(self) -> None:
+        """In a process forked by a task: cut it off from the host's channels.
+
+        The socketpair ends are closed (in the child only: the daemon keeps its own), the
+        ZeroMQ sockets are dropped unused (libzmq's threads do not survive a fork), and
+        the task end is replaced by one that ends the child if it ever comes back to the
+        daemon's loop.  Output goes to the real stdout/stderr again.
+        """
+        self.forked_from = self.pid
+        self.pid = os.getpid()
+        self.held = (self.task, self.ctrl_sock, self.ctx)  # never finalized in the child
+        if isinstance(self.task, _ChannelEnd):
+            self.task.close()
+        if self.ctrl_channel is not None:
+            self.ctrl_channel.sock.close()
+        self.task = _Forked()
+        self.ctrl_channel = None
+        self.ctrl_sock = None
+        if self.forwarders:
+            self.forwarders = []
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        except ValueError:  # forked from a thread other than the main one
+            pass
+
     def run(self) -> int:
         """Handshake, then evaluate tasks until told to exit.  Returns the exit code."""
         global _CURRENT
         _CURRENT = self
+        os.register_at_fork(after_in_child=self._after_fork_child)
         signal.signal(signal.SIGINT, self._sigint)
         end = self.task
         end.send(_protocol.encode(self._hello("task")))
@@ -651,16 +741,48 @@ def run_daemon(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--curve-server-key", help="host's CurveZMQ public key (Z85)")
     p.add_argument("--curve-public-key", help="this daemon's CurveZMQ public key (Z85)")
-    p.add_argument("--curve-secret-key", help="this daemon's CurveZMQ secret key (Z85)")
+    p.add_argument(
+        "--secret-fd",
+        type=int,
+        metavar="N",
+        help="read this daemon's CurveZMQ secret key (one Z85 line) from fd N (0: stdin)",
+    )
+    p.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="read the secret key from PATH (mode 0600, owned by this user), then delete it",
+    )
+    # Secrets never go on a command line (/proc/PID/cmdline is world-readable).
+    p.add_argument("--curve-secret-key", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.parent:
         _set_pdeathsig(args.parent)
+    if args.curve_secret_key is not None:
+        p.error(
+            "--curve-secret-key is not accepted: a key on the command line is readable by "
+            "every local user; pass it with --secret-fd N (e.g. 0: stdin) or --secret-file"
+        )
     curve = None
-    keys = (args.curve_server_key, args.curve_public_key, args.curve_secret_key)
-    if any(keys):
-        if not all(keys):
-            p.error("--curve-server-key, --curve-public-key and --curve-secret-key go together")
-        curve = (keys[0].encode(), keys[1].encode(), keys[2].encode())
+    public = (args.curve_server_key, args.curve_public_key)
+    given = args.secret_fd is not None or args.secret_file is not None
+    if any(public) or given:
+        if not all(public) or not given:
+            p.error(
+                "--curve-server-key, --curve-public-key and a secret key (--secret-fd or "
+                "--secret-file) go together"
+            )
+        if args.secret_fd is not None and args.secret_file is not None:
+            p.error("give --secret-fd or --secret-file, not both")
+        from ._security import SecretError, read_secret_fd, read_secret_file
+
+        try:
+            if args.secret_fd is not None:
+                secret = read_secret_fd(args.secret_fd)
+            else:
+                secret = read_secret_file(args.secret_file)
+        except SecretError as exc:
+            p.error(str(exc))
+        curve = (public[0].encode(), public[1].encode(), secret)
     d = Daemon(args.url, launch=args.launch, autoexit=args.autoexit, ping=args.ping, curve=curve)
     if args.output:
         d.forward_output()
@@ -670,7 +792,7 @@ def run_daemon(argv: Sequence[str] | None = None) -> int:
     # Skip interpreter teardown: the host may already be gone and zmq's linger must not
     # keep us alive; results were flushed by LINGER on close.
     d.task.close()
-    os._exit(code)
+    _exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,12 +13,10 @@ import concurrent.futures
 import itertools
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +29,7 @@ from ._dispatcher import DaemonConn, Dispatcher, SetupItem
 from ._errors import DaemonError
 from ._handle import ERROR, Mirai
 from ._protocol import Output
+from ._security import private_tmpdir, release_tmpdir, secret_pipe
 from ._transport import LoopChannel
 
 __all__ = ["LocalProcess", "Profile", "profiles"]
@@ -114,7 +113,7 @@ class Profile:
         self.early_failures = 0
         self.broken: str | None = None
         self.launchers: list[Any] = []  # handles of remote launches, terminated on reset
-        self.tmpdir = tempfile.mkdtemp(prefix="asyncmirai-")  # 0700
+        self.tmpdir = private_tmpdir()  # 0700; removed on SIGTERM, swept when stale
         self.curve_server: tuple[bytes, bytes] | None = None
         self.curve_client: tuple[bytes, bytes] | None = None
         self.authenticator: Any = None
@@ -233,8 +232,12 @@ class Profile:
         launch: str = "",
         url: str | None = None,
         remote: bool = False,
+        secret_fd: int = 0,
     ) -> list[str]:
-        """argv that starts one daemon for this profile (keys included for tcp)."""
+        """argv that starts one daemon for this profile (public keys included for tcp).
+
+        The client secret key is never on it: the daemon reads it from fd ``secret_fd``
+        (``0``: stdin, where ``launch_remote`` commands feed it with a here-document)."""
         argv = [python or sys.executable, "-m", "asyncmirai", "daemon", url or self.url]
         if launch:
             argv += ["--launch", launch]
@@ -247,7 +250,7 @@ class Profile:
             argv += [
                 f"--curve-server-key={self.curve_server[0].decode()}",
                 f"--curve-public-key={self.curve_client[0].decode()}",
-                f"--curve-secret-key={self.curve_client[1].decode()}",
+                f"--secret-fd={secret_fd}",
             ]
         return argv
 
@@ -264,12 +267,16 @@ class Profile:
             launch = f"local-{index}"
             pass_fds: tuple[int, ...] = ()
             pairs: list[tuple[socket.socket, socket.socket]] = []
+            secret_r: int | None = None
             if self.transport == "pipe":
                 pairs = [socket.socketpair(), socket.socketpair()]
                 pass_fds = (pairs[0][1].fileno(), pairs[1][1].fileno())
                 argv = self.daemon_command(launch=launch, url=f"fd://{pass_fds[0]}/{pass_fds[1]}")
             else:
-                argv = self.daemon_command(launch=launch)
+                if self.curve_client is not None:  # the secret key goes through a pipe
+                    secret_r = secret_pipe(self.curve_client[1])
+                    pass_fds = (secret_r,)
+                argv = self.daemon_command(launch=launch, secret_fd=secret_r or 0)
             argv += ["--parent", str(os.getpid())]
             log_path = os.path.join(self.tmpdir, f"{launch}.log")
             stdout: int | IO[bytes]
@@ -289,6 +296,7 @@ class Profile:
                     env=env,
                     cwd=os.getcwd(),
                     pass_fds=pass_fds,
+                    start_new_session=True,  # its own process group: see _reap_group
                 )
             except BaseException:
                 for a, b in pairs:
@@ -298,6 +306,8 @@ class Profile:
             finally:
                 if log_file is not None:
                     log_file.close()
+                if secret_r is not None:
+                    os.close(secret_r)
             d = self.dispatcher
             assert d is not None
             for role, (host_end, child_end) in zip((b"t", b"c"), pairs, strict=False):
@@ -313,9 +323,12 @@ class Profile:
                 )
             rec = LocalProcess(proc, launch, log_path, index)
             self.procs[proc.pid] = rec
-            threading.Thread(
-                target=self._watch, args=(rec,), name=f"asyncmirai-watch-{proc.pid}", daemon=True
-            ).start()
+
+            def watch(rec: LocalProcess = rec) -> None:
+                self._watch(rec)
+                _reap_group(rec.proc.pid)  # what its tasks started goes with it
+
+            threading.Thread(target=watch, name=f"asyncmirai-watch-{proc.pid}", daemon=True).start()
             if self.output:
                 for stream, sink in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
                     threading.Thread(
@@ -489,6 +502,7 @@ class Profile:
                 except subprocess.TimeoutExpired:
                     rec.proc.kill()
                     rec.proc.wait()
+                _reap_group(rec.proc.pid)
             for h in launchers:
                 try:
                     h.terminate()
@@ -510,7 +524,20 @@ class Profile:
         return t
 
     def _cleanup_files(self) -> None:
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        release_tmpdir(self.tmpdir)
+
+
+def _reap_group(pid: int) -> None:
+    """SIGKILL the process group of a local daemon that has exited and been reaped.
+
+    Each local daemon leads its own group, so the children and grandchildren its tasks
+    started (``subprocess``, ``multiprocessing``) do not outlive it.  The id cannot name
+    another group while a member lives; once the group is empty, ``killpg`` fails.
+    """
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _forward(stream: IO[bytes] | None, sink: str, prefix: str) -> None:

@@ -1,9 +1,20 @@
 """Launchers: run daemon launch commands somewhere else (ssh, HPC schedulers).
 
 A launcher receives the shell commands that start daemons (as produced by the
-core, e.g. ``python3 -m asyncmirai daemon tcp://HOST:PORT --curve-...``) and
-runs them on other machines, returning a :class:`LaunchHandle` per launch that
-can be polled and terminated.
+core, e.g. ``python3 -m asyncmirai daemon tcp://HOST:PORT --curve-... --secret-fd=0``
+followed by a here-document holding the daemon's secret key) and runs them on other
+machines, returning a :class:`LaunchHandle` per launch that can be polled and
+terminated.
+
+Secrets never go on a command line (``/proc/PID/cmdline`` is world-readable). A
+command's here-document is the daemon's stdin, so the key travels inside what the
+launcher feeds to a shell, never in any argv or environment:
+
+* ssh: the commands are part of the script written to ``ssh HOST sh -s`` on ssh's
+  stdin (encrypted by ssh); each daemon's stdin is its own here-document.
+* clusters: the commands are in the job script, a ``0600`` file created with
+  ``mkstemp`` and removed as soon as the submit command has read it (``bsub`` reads
+  it on stdin); the submit command's argv holds only its path.
 
 This module only uses the standard library and does not import the rest of
 :mod:`asyncmirai`.
@@ -43,6 +54,8 @@ __all__ = [
 
 _DEFAULT_PYTHON = "python3"
 _SECRET_RE = re.compile(r"(--curve-secret-key(?:=|\s+))(\S+)")
+# A here-document: "<<'WORD'" (or <<WORD, <<-WORD) ... its body ... a line "WORD".
+_HEREDOC_RE = re.compile(r"(<<-?[ \t]*(['\"]?)(\w+)\2)([^\n]*)\n.*?\n[ \t]*\3[ \t]*(?=\n|$)", re.S)
 _TCP_RE = re.compile(r"tcp://(\[[^\]\s]*\]|[^\s:/'\"\[\]]+):(\d+)")
 _OUTPUT_TAIL = 4096
 
@@ -52,7 +65,10 @@ class LaunchError(RuntimeError):
 
 
 def redact(command: str) -> str:
-    """Return ``command`` with the value of ``--curve-secret-key`` masked.
+    """Return ``command`` with its secrets masked, on one line.
+
+    The body of a here-document (where launch commands carry the daemon's secret
+    key) becomes ``***``, as does the value of a ``--curve-secret-key`` option.
 
     Args:
         command: A daemon launch command.
@@ -60,7 +76,20 @@ def redact(command: str) -> str:
     Returns:
         The command, safe to log or show in ``describe()``.
     """
+    command = _HEREDOC_RE.sub(lambda m: f"{m.group(1)}{m.group(4)} ***", command)
     return _SECRET_RE.sub(r"\1***", command)
+
+
+def _split_heredoc(command: str) -> tuple[str, str] | None:
+    """Split ``command`` where its first here-document's body starts, or ``None``.
+
+    Redirections and ``&`` appended to a command that carries a here-document must go
+    on the line of its ``<<WORD`` operator: the body starts on the next one.
+    """
+    m = _HEREDOC_RE.search(command)
+    if m is None:
+        return None
+    return command[: m.end(4)], command[m.end(4) :]
 
 
 def _with_python(command: str, python: str) -> str:
@@ -237,18 +266,23 @@ def _parse_remote(spec: str) -> _Remote:
 def _remote_script(commands: Sequence[str]) -> str:
     """POSIX sh script fed to ``sh -s`` on the remote through ssh's stdin.
 
-    The daemons run in the background with stdin from /dev/null; a watcher
-    reads the session's stdin (kept open by the host) and kills them when it
-    reaches EOF, i.e. when the host closes the pipe, dies, or the ssh
-    connection drops. When the daemons exit on their own, the watcher is
-    stopped and the session (and the local ssh process) ends.
+    The daemons run in the background; each one's stdin is its command's
+    here-document (which carries its secret key), or /dev/null for a command
+    without one. A watcher reads the session's stdin (kept open by the host)
+    and kills them when it reaches EOF, i.e. when the host closes the pipe,
+    dies, or the ssh connection drops. When the daemons exit on their own, the
+    watcher is stopped and the session (and the local ssh process) ends.
 
     Everything is one brace group so the shell has read the whole script
-    before the watcher starts reading the same stdin.
+    (here-documents included) before the watcher starts reading the same stdin.
     """
     lines = ["{", "exec 3<&0", "p="]
     for cmd in commands:
-        lines.append(f"{cmd} </dev/null 3<&- &")
+        parts = _split_heredoc(cmd)
+        if parts is None:
+            lines.append(f"{cmd} </dev/null 3<&- &")
+        else:  # its stdin is the here-document
+            lines.append(f"{parts[0]} 3<&- &{parts[1]}")
         lines.append('p="$p $!"')
     lines += [
         "trap 'kill $p 2>/dev/null' HUP INT TERM",
@@ -562,6 +596,11 @@ def ssh_config(
     killing the local ``ssh``, a dropped connection or the host process exiting
     all make the remote side kill the daemons of that session.
 
+    Key delivery: the commands (with the here-documents that hold the daemons'
+    secret key) are written to ``ssh HOST sh -s`` on ssh's stdin; each daemon's
+    stdin is its here-document. No argv or environment on either machine holds
+    the key.
+
     Args:
         remotes: One or more of ``"host"``, ``"user@host"``, ``"ssh://[user@]host[:port]"``.
         tunnel: Reverse-tunnel the host's port (``ssh -R PORT:ADDR:PORT``) so
@@ -617,6 +656,17 @@ def _parse_job_id(scheduler: str, out: str) -> str | None:
         return m.group(1)
     m = re.search(r"^(\d+(?:\.\S+)?)\s*$", out, re.M)
     return m.group(1) if m else None
+
+
+def _remove_when_done(proc: subprocess.Popen[bytes], path: str) -> None:
+    """Remove a job script once its submit command has exited (it holds a secret)."""
+    try:
+        proc.wait()
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 class ClusterHandle(LaunchHandle):
@@ -945,8 +995,10 @@ class ClusterConfig:
     def launch(self, commands: Sequence[str]) -> list[ClusterHandle]:
         """Submit one job per command; returns at once (submissions run in parallel).
 
-        Each script is private to the user (mode 0700: it holds the daemon's keys) and
-        removed once the scheduler has read it.
+        Each script holds its daemon's secret key (in a here-document: the key is the
+        daemon's stdin, never on a command line), so it is created private to the user
+        (mode ``0600``) and removed as soon as the submit command has exited, i.e. has
+        read it; the submit command's argv holds only its path.
 
         Args:
             commands: Daemon launch commands.
@@ -964,9 +1016,8 @@ class ClusterConfig:
             for cmd in commands:
                 fd, path = tempfile.mkstemp(prefix="asyncmirai-job-", suffix=".sh")
                 try:
-                    with os.fdopen(fd, "w") as f:
+                    with os.fdopen(fd, "w") as f:  # mkstemp: mode 0600
                         f.write(self.script(cmd))
-                    os.chmod(path, 0o700)
                     stdin: int | IO[bytes] = subprocess.DEVNULL
                     if self.scheduler == "bsub":
                         stdin = open(path, "rb")
@@ -987,6 +1038,12 @@ class ClusterConfig:
                     os.unlink(path)
                     raise LaunchError(f"cannot run {self.command!r}: {exc}") from exc
                 handles.append(ClusterHandle(self, proc, cmd, path))
+                threading.Thread(
+                    target=_remove_when_done,
+                    args=(proc, path),
+                    name="asyncmirai-job-script",
+                    daemon=True,
+                ).start()
         except BaseException:
             for h in handles:
                 h.terminate()
@@ -1004,6 +1061,11 @@ def cluster_config(
     timeout: float = 60,
 ) -> ClusterConfig:
     """Configure launching daemons as batch jobs on an HPC cluster.
+
+    Key delivery: the daemon command's here-document (its secret key) is in the
+    job script body, a ``0600`` file removed as soon as the submit command has
+    read it (``bsub`` reads it on stdin); the submit command's argv holds only
+    the script's path, and in the job the key is the daemon's stdin.
 
     Args:
         command: ``"sbatch"`` (Slurm), ``"qsub"`` (SGE or PBS/Torque) or

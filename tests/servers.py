@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -34,6 +35,7 @@ __all__ = [
     "free_port",
     "kill_tree",
     "pid_alive",
+    "shell_launch",
     "slurm_cluster",
     "sshd_server",
     "start_slurm",
@@ -80,6 +82,36 @@ def pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def shell_launch(
+    cmd: str,
+    python: str,
+    *,
+    prefix: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    stdout: Any = None,
+) -> subprocess.Popen[bytes]:
+    """Run a launch command the way its users must: fed to ``sh -s`` on its stdin.
+
+    A command from ``am.launch_remote()`` carries the daemon's secret key in a
+    here-document; on ``sh -c`` (or split into argv) it would be on a command line.
+    The leading ``python3`` is replaced by ``python`` and the command is ``exec``'d, so
+    the returned process *is* the daemon (same pid).
+    """
+    assert cmd.startswith("python3 "), cmd
+    script = f"exec {shlex.quote(python)} {cmd[len('python3 ') :]}\n"
+    p = subprocess.Popen(
+        [*prefix, "sh", "-s"],
+        stdin=subprocess.PIPE,
+        stdout=stdout,
+        stderr=subprocess.STDOUT if stdout is not None else None,
+        env=dict(env) if env is not None else None,
+    )
+    assert p.stdin is not None
+    p.stdin.write(script.encode())
+    p.stdin.close()
+    return p
 
 
 def _children_map() -> dict[int, list[int]]:

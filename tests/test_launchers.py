@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -118,6 +119,48 @@ def test_python_substitution_and_redaction() -> None:
     assert cfg.script("/x/python -m m").splitlines()[-1] == "/x/python -m m"
     assert "S3CRET" not in redact(cmd) and "--curve-secret-key ***" in redact(cmd)
     assert "S3CRET" not in redact("a --curve-secret-key=S3CRET b")
+    # what launch_remote writes: the key in a here-document, masked on one line
+    head = "python3 -m asyncmirai daemon tcp://h:1 --secret-fd=0 <<'ASYNCMIRAI_KEY'"
+    doc = f"{head}\nS3CRET\nASYNCMIRAI_KEY"
+    assert redact(doc) == f"{head} ***"
+    assert redact(doc + "\n" + doc).count("***") == 2
+    assert "S3CRET" not in cfg.script(doc).splitlines()[0]
+    assert cfg.script(doc).splitlines()[-3:] == [
+        "/opt/venv/bin/python -m asyncmirai daemon tcp://h:1 --secret-fd=0 <<'ASYNCMIRAI_KEY'",
+        "S3CRET",
+        "ASYNCMIRAI_KEY",
+    ]
+
+
+def test_remote_script_gives_each_daemon_its_heredoc(tmp_path: Path) -> None:
+    """The script ssh feeds to ``sh -s``: each command's stdin is its own here-document
+    (the secret never on a command line), the others' stdin is /dev/null."""
+    from asyncmirai.launchers import _remote_script
+
+    code = "import sys; open(sys.argv[1], 'w').write(repr(sys.stdin.read()))"
+    cmds = [
+        _py(code, str(tmp_path / "a")) + " <<'ASYNCMIRAI_KEY'\nkey-a\nASYNCMIRAI_KEY",
+        _py(code, str(tmp_path / "b")),
+        _py(code, str(tmp_path / "c")) + " <<'ASYNCMIRAI_KEY'\nkey-c\nASYNCMIRAI_KEY",
+    ]
+    script = _remote_script([c.replace("python3", PY, 1) for c in cmds])
+    for line in script.splitlines():
+        assert not line.startswith("key-") or line in ("key-a", "key-c")
+    sh = subprocess.Popen(["sh", "-s"], stdin=subprocess.PIPE)
+    assert sh.stdin is not None
+    sh.stdin.write(script.encode())
+    sh.stdin.flush()  # stdin stays open: the watcher would stop the commands at EOF
+    try:
+        for f in "abc":
+            wait_for(lambda f=f: (tmp_path / f).exists(), 20, f"command {f}")  # type: ignore[misc]
+        assert sh.wait(20) == 0
+    finally:
+        sh.stdin.close()
+        if sh.poll() is None:
+            sh.kill()
+        sh.wait()
+    got = {f: (tmp_path / f).read_text() for f in "abc"}
+    assert got == {"a": repr("key-a\n"), "b": repr(""), "c": repr("key-c\n")}
 
 
 def test_cluster_invalid_command() -> None:
@@ -238,7 +281,7 @@ def test_ssh_multiple_hosts_round_robin(sshd_server: SSHServer, tmp_path: Path) 
 def test_ssh_failure_is_reported(sshd_server: SSHServer) -> None:
     port = free_port()  # nothing listens there
     cfg = ssh_config(f"ssh://root@127.0.0.1:{port}", args=sshd_server.ssh_args, timeout=3)
-    (h,) = cfg.launch(["python3 -c pass --curve-secret-key SECRET"])
+    (h,) = cfg.launch(["python3 -c pass --secret-fd=0 <<'ASYNCMIRAI_KEY'\nSECRET\nASYNCMIRAI_KEY"])
     assert h.wait(10) == 255
     d = h.describe()
     assert "exited 255" in d and "SECRET" not in d and "refused" in d.lower()
@@ -351,7 +394,7 @@ def test_sbatch_runs_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     out = tmp_path / "out"
     cfg = _sbatch(slurm_cluster, "#SBATCH --job-name=am-test")
     code = "import sys, os; open(sys.argv[1], 'w').write(os.environ['SLURM_JOB_ID'])"
-    (h,) = cfg.launch([_py(code, str(out)) + " --curve-secret-key SECRET"])
+    (h,) = cfg.launch([_py(code, str(out)) + " <<'ASYNCMIRAI_KEY'\nSECRET\nASYNCMIRAI_KEY"])
     job = h.job_id
     assert job.isdigit()
     assert h.state() in {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "COMPLETED"}
@@ -364,8 +407,9 @@ def test_sbatch_runs_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     assert h.poll() is None  # not cancelled, submission fine
     d = h.describe()
     assert f"sbatch job {job}" in d and "SECRET" not in d
-    # the job script (it holds the keys) is gone once submitted
+    # the job script (it holds the key) is gone once submitted
     assert not [f for f in os.listdir(tempfile.gettempdir()) if f.startswith("asyncmirai-job-")]
+    assert "SECRET" not in slurm_cluster.run("scontrol", "show", "job", "-o", job).stdout
 
 
 def test_sbatch_terminate_cancels(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Remote daemons end to end: tcp URLs, CurveZMQ, ssh, Slurm and network namespaces.
 
 Daemons are launched the way users launch them on other machines: by the shell
-commands ``am.launch_remote()`` returns (run here with subprocess), through a real
+commands ``am.launch_remote()`` returns (fed to ``sh -s`` here), through a real
 OpenSSH server on 127.0.0.1, as Slurm batch jobs, or inside another network namespace
 reached over a veth pair.  The servers come from tests/servers.py (skipped when the
 Debian packages are missing: ``bash .ci/servers.sh``).
@@ -10,6 +10,7 @@ Debian packages are missing: ``bash .ci/servers.sh``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import select
@@ -36,6 +37,7 @@ try:
         SSHServer,
         pid_alive,
         serve,
+        shell_launch,
         slurm_cluster,
         start_sshd,
         wait_for,
@@ -46,6 +48,7 @@ except ImportError:  # tests/ itself on sys.path (rootdir-less runs)
         SSHServer,
         pid_alive,
         serve,
+        shell_launch,
         slurm_cluster,
         start_sshd,
         wait_for,
@@ -92,18 +95,10 @@ class Spawner:
         self.logdir = logdir
 
     def __call__(self, cmd: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
-        argv = shlex.split(cmd)
-        assert argv[0] == "python3", cmd
-        argv[0] = PY
+        # On a shell's stdin, as documented: the secret key is in a here-document.
         log = open(self.logdir / f"daemon-{len(self.procs)}.log", "wb")  # noqa: SIM115
         with log:
-            p = subprocess.Popen(
-                [*prefix, *argv],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=daemon_env(),
-            )
+            p = shell_launch(cmd, PY, prefix=prefix, env=daemon_env(), stdout=log)
         self.procs.append(p)
         return p
 
@@ -145,21 +140,24 @@ def ancestors(pid: int) -> list[int]:
 
 
 def substitute(cmd: str, flag: str, value: str) -> str:
-    """Replace the value of ``flag`` in a launch command (``--flag V`` or ``--flag=V``)."""
-    argv = shlex.split(cmd)
-    for i, a in enumerate(argv):
-        if a == flag:
-            argv[i + 1] = value
-            return shlex.join(argv)
-        if a.startswith(flag + "="):
-            argv[i] = f"{flag}={value}"
-            return shlex.join(argv)
-    raise AssertionError(f"{flag} not in {cmd}")
+    """Replace the value of ``flag`` in a launch command (``--flag=V``, maybe quoted)."""
+    head, body = cmd.split("\n", 1) if "\n" in cmd else (cmd, None)
+    pat = re.compile(rf"'{re.escape(flag)}=[^']*'|{re.escape(flag)}=\S+")
+    new, n = pat.subn(lambda _: shlex.quote(f"{flag}={value}"), head)
+    assert n == 1, f"{flag} not in {head}"
+    return new if body is None else f"{new}\n{body}"
+
+
+def substitute_secret(cmd: str, secret: str) -> str:
+    """Replace the secret key in a launch command's here-document."""
+    head, key, end = cmd.split("\n")
+    assert end == "ASYNCMIRAI_KEY" and len(key) == 40, cmd
+    return f"{head}\n{secret}\n{end}"
 
 
 def flag_value(cmd: str, flag: str) -> str:
     """The value of ``flag`` in a launch command (``--flag V`` or ``--flag=V``)."""
-    argv = shlex.split(cmd)
+    argv = shlex.split(cmd.split("\n", 1)[0])
     for i, a in enumerate(argv):
         if a == flag:
             return argv[i + 1]
@@ -435,9 +433,7 @@ def test_wrong_keys_are_refused(spawn: Spawner) -> None:
     spawn(good)
     wait_connections(1)
     pub, sec = curve_pair()
-    wrong_client = substitute(
-        substitute(good, "--curve-public-key", pub), "--curve-secret-key", sec
-    )
+    wrong_client = substitute_secret(substitute(good, "--curve-public-key", pub), sec)
     spub, _ = curve_pair()
     wrong_server = substitute(good, "--curve-server-key", spub)  # a host impostor's key
     bad = [spawn(wrong_client), spawn(wrong_server)]
@@ -505,10 +501,10 @@ def test_transient_drop_loses_task_message(
 # ------------------------------------------------------------------------ host liveness
 
 _HOST = """
-import os, sys, time
+import json, os, sys, time
 import asyncmirai as am
 am.daemons(url="tcp://127.0.0.1:0", autoexit=2)
-print(am.launch_remote(1)[0], flush=True)
+print(json.dumps(am.launch_remote(1)[0]), flush=True)  # one line: it holds a heredoc
 while am.status().connections < 1:
     time.sleep(0.05)
 print("connected", am.mirai(os.getpid).result(20), flush=True)
@@ -523,7 +519,7 @@ def test_remote_daemon_exits_when_host_dies(spawn: Spawner) -> None:
     )
     try:
         assert host.stdout is not None
-        cmd = host.stdout.readline().decode().strip()
+        cmd = json.loads(host.stdout.readline())
         daemon = spawn(cmd)  # started by hand, not by the host: no PDEATHSIG
         line = host.stdout.readline().decode().split()
         assert line == ["connected", str(daemon.pid)], spawn.logs()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -15,12 +14,18 @@ import zmq.auth
 
 import asyncmirai as am
 
+try:
+    from tests.servers import shell_launch
+except ImportError:  # tests/ itself on sys.path (rootdir-less runs)
+    from servers import shell_launch  # type: ignore[no-redef]
+
 pytestmark = pytest.mark.timeout(60)
 
 
 def _spawn(cmd: str) -> subprocess.Popen[bytes]:
+    """Run a launch command as users must: on a shell's stdin (it holds a here-document)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    return subprocess.Popen(shlex.split(cmd), env=env, stdin=subprocess.DEVNULL)
+    return shell_launch(cmd, sys.executable, env=env)
 
 
 def _wait_connections(n: int) -> None:
