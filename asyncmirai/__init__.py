@@ -2,7 +2,8 @@
 
 A port of R's ``mirai``: ``am.daemons(4)`` starts background processes, ``await
 am.mirai(fn, x)`` runs ``fn(x)`` on one of them.  Tensors and arrays, alone or deep inside
-models and optimizer states, travel as zero-copy ZeroMQ frames.
+models and optimizer states, travel as out-of-band frames (zero-copy ZeroMQ frames to
+remote daemons, socketpairs and memfds to local ones).
 
 Public names are loaded on first use (PEP 562), so ``import asyncmirai`` stays light and
 ``python -m asyncmirai daemon`` starts without loading the host-side machinery.

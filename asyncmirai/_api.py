@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
 from . import _codecs, _protocol
-from ._daemon import CALL, CODE, eval_code
-from ._dispatcher import SetupItem
+from ._call import CALL, CODE, apply_seed, error_record, eval_code
 from ._errors import MiraiError, SerializationError
-from ._handle import ERROR, VALUE, Mirai
+from ._handle import CANCELLED, ERROR, VALUE, Mirai
 from ._profile import _REGISTRY_LOCK, Profile, profiles
+from ._scheduler import Job, Setup
 
 __all__ = [
     "DaemonInfo",
@@ -72,7 +72,7 @@ class Daemons:
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash((self.compute, self.n, self.url))
+        return hash(self.n)  # equal to its number: the same hash as that int
 
     def __enter__(self) -> Daemons:
         return self
@@ -106,8 +106,8 @@ def _reset(compute: str, *, wait: bool) -> threading.Thread | None:
 def daemons(  # type: ignore[overload-overlap]
     n: Literal[0],
     *,
-    url: str | None = None,
-    remote: Any = None,
+    url: None = None,
+    remote: None = None,
     compute: str = "default",
     serial: _codecs.SerialConfig | Sequence[_codecs.SerialConfig] | None = None,
     seed: int | None = None,
@@ -499,8 +499,10 @@ def mirai(
     body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table)
     extra = None if prof.seed is None else {"seed": _derive_seed(prof.seed, index)}
     frames = _protocol.encode_task(tid, body, desc, bufs, extra)
-    m: Mirai[T] = Mirai(tid, prof, frames, _retries, _timeout)
-    prof.submit(m)
+    job = Job(tid, None, frames, _retries, _timeout)
+    m: Mirai[T] = Mirai(tid, prof, job)
+    job.handle = m
+    prof.submit(job)
     return m
 
 
@@ -508,7 +510,6 @@ def _run_sync(
     prof: Profile, tid: int, kind: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Mirai[Any]:
     """sync=True: evaluate in this process now, same handle semantics."""
-    from ._daemon import apply_seed, error_record
 
     index = next(prof.task_index)
     m: Mirai[Any] = Mirai(tid, None)
@@ -597,11 +598,32 @@ def everywhere(
         else:
             h._resolve(m._state, m._value)
         return h
-    if configs:
-        from ._daemon import register_serial
+    if not configs:
+        return _everywhere(prof, kind, fn, args, kwargs)
+    from ._daemon import register_serial
 
-        _everywhere(prof, CALL, register_serial, (configs,), {})
-    return _everywhere(prof, kind, fn, args, kwargs)
+    # The codecs are registered on every daemon first (setups run in order); the handle
+    # the caller gets fails if that registration failed, not only if ``fn`` did.
+    reg = _everywhere(prof, CALL, register_serial, (configs,), {})
+    main = _everywhere(prof, kind, fn, args, kwargs)
+    out: Mirai[list[Any]] = Everywhere(main.id, prof)
+
+    def both(_: Mirai[Any]) -> None:
+        if not (reg.done() and main.done()):
+            return
+        failed = None if reg.cancelled() else reg.exception()
+        if failed is not None:
+            out._resolve(ERROR, failed)
+        elif main.cancelled():
+            out._resolve(CANCELLED, None)
+        elif (exc := main.exception()) is not None:
+            out._resolve(ERROR, exc)
+        else:
+            out._resolve(VALUE, main.result())
+
+    reg.add_done_callback(both)
+    main.add_done_callback(both)
+    return out
 
 
 def _everywhere(
@@ -611,7 +633,8 @@ def _everywhere(
     body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table)
     frames = _protocol.encode(_protocol.Setup(tid, body, desc, bufs))
     h: Mirai[list[Any]] = Everywhere(tid, prof)
-    prof.everywhere(SetupItem(tid, frames, h, prof.n_local))
+    label = f"everywhere({fn if kind == CODE else getattr(fn, '__qualname__', repr(fn))!r:.80})"
+    prof.everywhere(Setup(tid, frames, h, prof.n_local, label))
     return h
 
 

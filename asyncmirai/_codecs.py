@@ -67,6 +67,7 @@ __all__ = [
     "CodecError",
     "CodecTable",
     "SerialConfig",
+    "TableRef",
     "dumps",
     "loads",
     "serial_config",
@@ -971,3 +972,18 @@ _DEFAULT_CODECS: Final[dict[str, _Codec]] = {
 
 DEFAULT_TABLE: Final = CodecTable()
 """The table with only the built-in codecs (torch.Tensor, numpy.ndarray)."""
+
+
+class TableRef:
+    """The one owner of a profile's codec table: the profile encodes arguments and the
+    dispatcher decodes results through the same reference, so ``everywhere(_serial=)``
+    extends both at once."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: CodecTable) -> None:
+        self.table = table
+
+    def extend(self, configs: Iterable[SerialConfig]) -> None:
+        """Register more codecs (a new table: tables are shared and never mutated)."""
+        self.table = self.table.extend(configs)

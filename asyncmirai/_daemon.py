@@ -19,7 +19,6 @@ when it is gone for ``autoexit`` seconds the daemon exits, so no daemon outlives
 from __future__ import annotations
 
 import argparse
-import ast
 import ctypes
 import io
 import os
@@ -29,12 +28,12 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, Union
 
 from . import _codecs, _protocol
+from ._call import CODE, apply_seed, error_record, eval_code
 from ._errors import RemoteProtocolError
 from ._protocol import (
     Cancel,
@@ -54,90 +53,18 @@ from ._transport import BlockingChannel
 if TYPE_CHECKING:
     import zmq
 
-__all__ = ["apply_seed", "main", "register_serial", "run_chunk", "run_daemon"]
+__all__ = ["main", "register_serial", "run_daemon"]
 
 #: Exit codes a daemon uses, so the host can say why one went away.
 EXIT_OK = 0
 EXIT_REFUSED = 3
 EXIT_HOST_GONE = 4
 
-# Payload kinds inside a task body (see ``_payload``).
-CALL, CODE = 0, 1
-
-
 class _HostCancel(BaseException):
     """Raised in the main thread by the SIGINT handler when the host cancels the task.
 
     A BaseException so that ``except Exception`` in user code does not swallow it.
     """
-
-
-def eval_code(code: str, namespace: dict[str, Any]) -> Any:
-    """Run ``code`` (statements allowed) in ``namespace``; return the last expression's value."""
-    tree = ast.parse(code, "<mirai>", "exec")
-    last: ast.Expression | None = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        tail = tree.body.pop()
-        assert isinstance(tail, ast.Expr)
-        last = ast.Expression(tail.value)
-    if tree.body:
-        exec(compile(tree, "<mirai>", "exec"), namespace)
-    if last is not None:
-        return eval(compile(last, "<mirai>", "eval"), namespace)
-    return None
-
-
-def error_record(exc: BaseException) -> tuple[str, str, str, bytes | None]:
-    """Describe an exception for the host: (type name, message, traceback, pickled or None)."""
-    t = type(exc)
-    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-    tb = "".join(traceback.format_exception(t, exc, exc.__traceback__))
-    try:
-        import cloudpickle
-
-        blob: bytes | None = cloudpickle.dumps(exc, protocol=5)
-    except Exception:
-        blob = None
-    try:
-        message = str(exc)
-    except Exception:
-        message = "<unprintable>"
-    return (name, message, tb, blob)
-
-
-def run_chunk(
-    fn: Any, chunk: Sequence[tuple[Any, ...]], kwargs: dict[str, Any]
-) -> tuple[list[Any], dict[int, Any]]:
-    """Evaluate ``fn`` over a chunk of ``mirai_map`` rows.
-
-    Returns the values (None where an element failed) and ``{index: error record}``: a
-    flat list of values pickles much faster than a list of (ok, value) pairs.
-    """
-    values: list[Any] = []
-    errors: dict[int, Any] = {}
-    single = kwargs.pop("__single__", False)  # rows are the elements of one iterable
-    for i, row in enumerate(chunk):
-        try:
-            values.append(fn(row, **kwargs) if single else fn(*row, **kwargs))
-        except Exception as exc:  # one element's error does not sink the chunk
-            values.append(None)
-            errors[i] = error_record(exc)
-    return values, errors
-
-
-def apply_seed(seed: Any) -> None:
-    """Seed ``random``, and numpy and torch if loaded, for one task (``daemons(seed=)``)."""
-    if seed is None:
-        return
-    import random
-
-    random.seed(seed)
-    np = sys.modules.get("numpy")
-    if np is not None:
-        np.random.seed(seed % (1 << 32))
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.manual_seed(seed)
 
 
 def _set_pdeathsig(parent: int) -> None:
@@ -588,8 +515,6 @@ class Daemon:
                 # After a Retire the host answers Exit; tasks it sent before seeing the
                 # Retire arrive first (one ordered socket), so none is dropped.
                 return EXIT_OK
-            elif isinstance(msg, Cancel) and not msg.revoke:
-                self._on_cancel(msg.id)
 
     def _retire_reason(self) -> str:
         if self.retiring:

@@ -1,14 +1,13 @@
-"""The dispatcher: one ROUTER socket, a FIFO queue, and the state of every daemon.
+"""The dispatcher: the I/O shell around the scheduler, on ONE event loop thread.
 
-Everything here runs on ONE asyncio loop thread (the caller's loop, or the profile's
-private loop thread); other threads reach it with ``loop.call_soon_threadsafe``.
+It owns the channels (a bound ROUTER socket for daemons that dial in, a socketpair per
+local daemon), reads and decodes their messages, feeds them to the pure
+:class:`~asyncmirai._scheduler.Scheduler` as events, performs the actions it emits (send,
+resolve, kill, spawn), and arms one timer for its next deadline.  Every decision lives in
+the scheduler; this file only moves bytes and keeps the clock.
 
-Deviation from DESIGN.md §2, measured: instead of one long-lived coroutine per daemon,
-each daemon's state lives in a :class:`DaemonConn` object that the socket's reader callback
-updates directly.  A coroutine per daemon costs one extra loop wake-up (a future set, a
-task step) per message; on the 2-vCPU dev VM that was ~15 us of a ~100 us round trip.
-The state machine is the same: a daemon is *idle* (no task), *busy* (one task in flight,
-maybe being cancelled) or gone; a task is only ever sent to an idle daemon.
+Other threads reach it through :meth:`Dispatcher.post`: submissions and cancels from one
+thread are queued in order and drained in one loop hand-off, however many there are.
 """
 
 from __future__ import annotations
@@ -23,14 +22,7 @@ from typing import Any
 import zmq
 
 from . import _codecs, _protocol
-from ._errors import (
-    DaemonError,
-    MiraiError,
-    MiraiTimeout,
-    RemoteProtocolError,
-    error_from_record,
-)
-from ._handle import CANCELLED, ERROR, VALUE, Mirai
+from ._errors import MiraiError, RemoteProtocolError, error_from_record
 from ._protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -44,110 +36,44 @@ from ._protocol import (
     Retire,
     Welcome,
 )
+from ._scheduler import (
+    CANCEL,
+    CTRL_CHANNEL,
+    ERROR,
+    EXIT,
+    KILL,
+    RESOLVE,
+    SEND,
+    SPAWN,
+    TASK_CHANNEL,
+    VALUE,
+    WELCOME,
+    Daemon,
+    Job,
+    Scheduler,
+    Setup,
+)
 from ._transport import LoopChannel
 
-__all__ = ["DaemonConn", "Dispatcher", "SetupItem"]
+__all__ = ["Dispatcher"]
 
 log = logging.getLogger("asyncmirai")
 
-_Again = zmq.Again
+_monotonic = time.monotonic
 _NOBLOCK = zmq.NOBLOCK
-#: A remote daemon whose pings, this long after a task was sent, say it neither runs nor
-#: ran it, lost the task message in a connection drop.
-LOST_AFTER = 3.0
 _POLLIN = zmq.POLLIN
 _EVENTS = zmq.EVENTS
 _RCVMORE = zmq.RCVMORE
 _SNDMORE = zmq.SNDMORE
-
-
-class DaemonConn:
-    """What the dispatcher knows about one connected daemon."""
-
-    __slots__ = (
-        "token",
-        "ident",
-        "ctrl_ident",
-        "pid",
-        "host",
-        "launch",
-        "task",
-        "setups_pending",
-        "done",
-        "connected_at",
-        "last_seen",
-        "retiring",
-        "alive",
-        "local",
-        "cancel_timer",
-        "sent_at",
-        "next",
-        "drops",
-        "sent_drops",
-    )
-
-    def __init__(self, token: bytes) -> None:
-        self.token = token
-        self.ident = b""
-        self.ctrl_ident = b""
-        self.pid = 0
-        self.host = ""
-        self.launch = ""
-        self.task: Mirai[Any] | None = None  # the task in flight, if any
-        self.setups_pending = 0
-        self.done = 0
-        self.connected_at = time.time()
-        self.last_seen = time.monotonic()
-        self.retiring = False
-        self.alive = True
-        self.local = False
-        self.cancel_timer: asyncio.TimerHandle | None = None
-        self.sent_at = 0.0  # when the task in flight was sent
-        self.next: Mirai[Any] | None = None  # prefetched behind ``task`` (local daemons)
-        self.drops = 0  # task-connection disconnects the daemon reported (pings)
-        self.sent_drops = 0  # ``drops`` when the task in flight was sent
-
-    @property
-    def idle(self) -> bool:
-        return self.task is None and self.setups_pending == 0 and not self.retiring
-
-    def row(self) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "host": self.host,
-            "launch": self.launch,
-            "busy": self.task is not None,
-            "tasks_done": self.done,
-            "connected_at": self.connected_at,
-            "local": self.local,
-        }
-
-
-class SetupItem:
-    """One ``everywhere()`` call: its frames (replayed later) and who still owes a reply."""
-
-    __slots__ = ("id", "frames", "handle", "waiting", "need_more", "results", "error")
-
-    def __init__(self, id: int, frames: list[Any], handle: Mirai[Any], need_more: int) -> None:
-        self.id = id
-        self.frames = frames
-        self.handle = handle
-        self.waiting: set[bytes] = set()
-        self.need_more = need_more
-        self.results: list[Any] = []
-        self.error: BaseException | None = None
-
-    def maybe_resolve(self) -> None:
-        if self.waiting or self.need_more > 0 or self.handle.done():
-            return
-        if self.error is not None:
-            self.handle._resolve(ERROR, self.error)
-        else:
-            self.handle._resolve(VALUE, self.results)
+#: Seconds an unauthenticated tcp peer may hold a connection without completing the
+#: CurveZMQ handshake (libzmq's default is 30).
+HANDSHAKE_DEADLINE_MS = 5000
+_SUBMIT, _CANCEL, _EVERYWHERE = 0, 1, 2
 
 
 class Dispatcher:
-    """Routes tasks to idle daemons over a bound ROUTER socket (see module doc)."""
+    """Channels, one timer and a :class:`Scheduler` (see module doc).  Loop thread only,
+    except :meth:`post`."""
 
     def __init__(
         self,
@@ -156,32 +82,39 @@ class Dispatcher:
         url: str,
         *,
         welcome: bytes,
-        table: _codecs.CodecTable,
+        codecs: _codecs.TableRef,
+        hostname: str,
+        local_target: int = 0,
         cancel_grace: float = 2.0,
         liveness: float = 30.0,
         curve_secret: bytes | None = None,
-        on_kill: Callable[[DaemonConn], None] | None = None,
-        on_output: Callable[[DaemonConn, Output], None] | None = None,
-        is_local: Callable[[DaemonConn], bool] | None = None,
-        expected_local: int = 0,
-        prefetch: bool = True,
+        spawn: Callable[[int], None] | None = None,
+        kill: Callable[[Daemon], None] | None = None,
+        on_output: Callable[[Daemon, Output], None] | None = None,
     ) -> None:
         self.loop = loop
-        self.table = table
-        self.welcome = welcome
-        self.cancel_grace = cancel_grace
-        self.liveness = liveness
-        self.on_kill = on_kill
+        self.codecs = codecs
+        self.welcome = _protocol.encode(Welcome(welcome))
+        self.spawn = spawn or (lambda k: None)
+        self.kill = kill or (lambda d: None)
         self.on_output = on_output
-        self.is_local = is_local or (lambda d: False)  # is it one of the host's processes?
-        self.prefetch = prefetch
-        self.revoking: set[int] = set()
-        self.prefetched = False  # some daemon may hold a prefetched task (cleared by a scan)
+        self.sched = Scheduler(
+            local_target=local_target,
+            hostname=hostname,
+            cancel_grace=cancel_grace,
+            wall=time.time,
+        )
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10_000)
+        # Liveness from libzmq's heartbeats, in its C I/O thread: a daemon busy in C code
+        # holding its GIL still answers them; a dead or partitioned one closes the
+        # connection, which the monitor below reports.
+        ivl = max(100, min(1000, int(liveness * 1000 / 3)))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(ivl, int(liveness * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, max(ivl, int(liveness * 1000)))
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_DEADLINE_MS)
         if curve_secret is not None:
             sock.curve_server = True
             sock.curve_secretkey = curve_secret
@@ -190,48 +123,151 @@ class Dispatcher:
         sock.bind(url)
         self.url = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sock = sock
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._send = sock.send_multipart
         self._send_one = sock.send
         self._recv_one = sock.recv
         self._getsockopt = sock.getsockopt
-        self.queue: deque[Mirai[Any]] = deque()
-        self.idle: list[DaemonConn] = []
-        self.daemons: dict[bytes, DaemonConn] = {}  # by token
-        self.by_ident: dict[bytes, DaemonConn] = {}  # task and ctrl identities
-        self.setups: list[SetupItem] = []
+        self.by_ident: dict[bytes, Daemon] = {}  # task and control identities
+        self.by_fd: dict[int, Daemon] = {}  # connection fd (remote daemons) -> daemon
         self.channels: dict[bytes, LoopChannel] = {}  # local daemons' socketpairs
-        self.setup_ids: dict[int, SetupItem] = {}
-        self.expected_local = expected_local
-        self.completed = 0
+        self.told_to_exit: set[bytes] = set()
         self.closed = False
+        self._pending: deque[tuple[int, Any]] = deque()
+        self._drain_posted = False
         self._check_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._fd = sock.getsockopt(zmq.FD)
+        self._mon_fd = self.monitor.getsockopt(zmq.FD)
         loop.add_reader(self._fd, self._on_readable)
-        self._liveness_timer = loop.call_later(1.0, self._liveness_tick)
+        loop.add_reader(self._mon_fd, self._on_monitor)
+        # A safety net for the edge-triggered zmq FD (and the monitor's) once a second.
+        self._safety = loop.call_later(1.0, self._safety_tick)
 
-    # -- sending -------------------------------------------------------------------
-    def add_channel(self, ch: LoopChannel) -> None:
-        """Register a local daemon's socketpair end (messages arrive as from the ROUTER)."""
-        self.channels[ch.ident] = ch
+    # -- events from the profile ---------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue or send ``job`` (loop thread)."""
+        self.sched.submit(job, _monotonic())
+        self.flush()
 
-    def on_channel_message(self, ident: bytes, frames: list[Any]) -> None:
-        """A message from a local daemon's socketpair."""
+    def cancel(self, job: Job) -> None:
+        """Cancel ``job`` (loop thread); its handle is resolved as cancelled already."""
+        self.sched.cancel(job, _monotonic())
+        self.flush()
+
+    def everywhere(self, item: Setup) -> None:
+        """Run a setup on every daemon now and later (loop thread)."""
+        self.sched.everywhere(item)
+        self.flush()
+
+    def post(self, kind: int, item: Any) -> None:
+        """From another thread: an event for the loop, in order, one hand-off per batch."""
+        self._pending.append((kind, item))
+        if not self._drain_posted:
+            self._drain_posted = True
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_posted = False  # before draining: a later post schedules again
+        pending = self._pending
+        sched = self.sched
+        now = _monotonic()
+        while pending:
+            kind, item = pending.popleft()
+            if kind == _SUBMIT:
+                sched.submit(item, now)
+            elif kind == _CANCEL:
+                sched.cancel(item, now)
+            else:
+                sched.everywhere(item)
+        self.flush()
+
+    def process_exited(self, pid: int, returncode: int | None, reason: str) -> None:
+        """A local daemon process exited: read what it sent last, then forget it."""
+        self._on_readable()  # its last result may be waiting in the socket
+        d = self.sched.procs.get(pid)
+        if d is not None:
+            for ident in (d.ident, d.ctrl_ident):  # or in its socketpair
+                ch = self.channels.get(ident) if ident is not None else None
+                if ch is not None and not ch.closed:
+                    ch._on_readable()
+        self.sched.process_exited(pid, returncode, reason, _monotonic())
+        self.flush()
+
+    def spawned(self, pid: int) -> None:
+        """The supervisor started local daemon ``pid``."""
+        self.sched.spawned(pid)
+
+    def spawn_failed(self, exc: BaseException) -> None:
+        """The supervisor could not start a local daemon."""
+        self.sched.spawn_failed(exc, _monotonic())
+
+    # -- performing the scheduler's actions ----------------------------------------
+    def flush(self) -> None:
+        """Perform the scheduler's actions, in order, until there are none left."""
+        out = self.sched.out
+        while out:
+            act = out.popleft()
+            op = act[0]
+            if op == SEND:
+                d = act[1]
+                if d.alive and not self._to(d.ident, act[2]):
+                    self.sched.send_failed(d, act[3], _monotonic())
+            elif op == RESOLVE:
+                act[1]._resolve(act[2], act[3])
+            elif op == CANCEL:
+                d = act[1]
+                if d.alive and d.ctrl_ident is not None:
+                    self._to(d.ctrl_ident, _protocol.encode(Cancel(act[2], revoke=act[3])))
+            elif op == WELCOME:
+                d = act[1]
+                if d.alive and not self._to(d.ident, self.welcome):
+                    self.sched.send_failed(d, None, _monotonic())
+            elif op == EXIT:
+                d, reason, where = act[1], act[2], act[3]
+                frames = _protocol.encode(Exit(reason))
+                if where & TASK_CHANNEL and d.ident is not None:
+                    self._to(d.ident, frames)
+                if where & CTRL_CHANNEL and d.ctrl_ident is not None:
+                    self._to(d.ctrl_ident, frames)
+            elif op == KILL:
+                self.kill(act[1])
+            elif op == SPAWN:
+                self.spawn(act[1])
+        self._arm()
+
+    def _arm(self) -> None:
+        """One timer, at the scheduler's next deadline."""
         if self.closed:
             return
-        try:
-            self._handle(ident, frames)
-        except Exception:  # never let one message kill the dispatcher
-            log.exception("asyncmirai dispatcher: error handling a message")
+        when = self.sched.next_deadline()
+        if when is None:
+            return
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= when:
+                return  # fires first; it re-arms for the rest
+            timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(
+            self.loop.time() + max(0.0, when - _monotonic()), self._tick
+        )
 
-    def channel_closed(self, ch: LoopChannel) -> None:
-        """A socketpair reached end of stream: the process exit watcher does the rest."""
-        self.channels.pop(ch.ident, None)
+    def _tick(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        self.sched.tick(_monotonic())
+        self.flush()
 
-    def _to(self, ident: bytes, frames: list[Any]) -> bool:
-        """Send one message to a daemon socket; False if that peer is gone."""
+    def _to(self, ident: Any, frames: Any) -> bool:
+        """Send one message on a daemon's channel; False if that peer is gone."""
         ch = self.channels.get(ident)
         if ch is not None:
             return ch.send(frames)
+        if ident is None:
+            return False
         try:
             if len(frames) == 1:  # small message: identity + one header frame
                 self._send_one(ident, _SNDMORE)
@@ -244,169 +280,26 @@ class Dispatcher:
             self._schedule_check()
         return True
 
-    # -- submission ----------------------------------------------------------------
-    def submit(self, m: Mirai[Any]) -> None:
-        """Queue ``m`` (or send it at once to an idle daemon).  Loop thread only."""
-        if m._state:  # cancelled before it got here
-            return
-        if self.closed:
-            m._resolve(ERROR, DaemonError("daemons were reset before the task was dispatched"))
-            return
-        if m.timeout is not None and m.timer is None:
-            m.timer = self.loop.call_later(m.timeout, self._on_timeout, m)
-        idle = self.idle
-        if idle and not self.queue:
-            self._send_task(idle.pop(), m)
-        else:
-            self.queue.append(m)
+    # -- channels ------------------------------------------------------------------
+    def add_channel(self, ch: LoopChannel) -> None:
+        """Register a local daemon's socketpair end (messages arrive as from the ROUTER)."""
+        self.channels[ch.ident] = ch
 
-    def _send_task(self, d: DaemonConn, m: Mirai[Any]) -> None:
-        if d.task is None:
-            d.task = m
-            d.sent_at = time.monotonic()
-            d.sent_drops = d.drops
-        else:
-            d.next = m
-            self.prefetched = True
-        m.daemon = d
-        frames = m.frames
-        assert frames is not None
-        if not self._to(d.ident, frames):  # peer vanished: requeue, forget the daemon
-            if d.task is m:
-                d.task = None
-            else:
-                d.next = None
-            m.daemon = None
-            self.queue.appendleft(m)
-            self._lost(d, "send failed")
+    def on_channel_message(self, ident: bytes, frames: list[Any]) -> None:
+        """A message from a local daemon's socketpair."""
+        if not self.closed:
+            self._handle(ident, frames, None)
+            self.flush()
 
-    def _pop(self) -> Mirai[Any] | None:
-        queue = self.queue
-        while queue:
-            m = queue.popleft()
-            if not m._state:  # skip tasks cancelled or timed out while queued
-                return m
-        return None
+    def channel_closed(self, ch: LoopChannel) -> None:
+        """A socketpair reached end of stream: the process exit watcher does the rest."""
+        self.channels.pop(ch.ident, None)
 
-    def _pump(self) -> None:
-        """Hand queued tasks to idle daemons."""
-        idle = self.idle
-        while self.queue and idle:
-            m = self._pop()
-            if m is None:
-                break
-            self._send_task(idle.pop(), m)
-
-    def _make_idle(self, d: DaemonConn) -> None:
-        """Give ``d`` work: a task if it has none and, under a backlog, one more to start
-        as soon as it finishes (prefetch: the daemon never waits for our round trip)."""
-        if not d.alive or d.retiring or d.setups_pending:
-            return
-        if d.task is None:
-            m = self._pop()
-            if m is None:
-                if d not in self.idle:
-                    self.idle.append(d)
-                self._revoke_for_idle()
-                return
-            self._send_task(d, m)
-        if (
-            self.prefetch
-            and d.next is None
-            # a backlog that keeps every daemon busy anyway: FIFO order is unaffected
-            and len(self.queue) > max(len(self.daemons), self.expected_local)
-            and d.ident in self.channels  # only over a reliable local channel
-        ):
-            m = self._pop()
-            if m is not None:
-                self._send_task(d, m)
-
-    def _revoke_for_idle(self) -> None:
-        """A daemon is idle with nothing queued: take back a task prefetched behind a busy
-        one (if it has not started), so it runs here instead of waiting there."""
-        if not self.prefetched:  # the sequential case: nothing to scan
-            return
-        found = False
-        for d in self.daemons.values():
-            m = d.next
-            if m is None:
-                continue
-            found = True
-            if not m._state and m.id not in self.revoking and d.ctrl_ident:
-                self.revoking.add(m.id)
-                self._to(d.ctrl_ident, _protocol.encode(Cancel(m.id, revoke=True)))
-                return
-        self.prefetched = found
-
-    # -- cancel and timeout --------------------------------------------------------
-    def cancel(self, m: Mirai[Any], state: int = CANCELLED, value: Any = None) -> bool:
-        """Resolve ``m`` as cancelled (or timed out) and stop it on its daemon."""
-        if not m._resolve(state, value):
-            return False
-        self.stop_cancelled(m)
-        return True
-
-    def stop_cancelled(self, m: Mirai[Any]) -> None:
-        """Stop an already-resolved task on its daemon, if it is running on one."""
-        d = m.daemon
-        if d is None or not d.alive:
-            return
-        if d.task is m:
-            # Without a control channel yet, the cancel goes when it says hello.
-            if d.ctrl_ident:
-                self._to(d.ctrl_ident, _protocol.encode(Cancel(m.id)))
-            d.cancel_timer = self.loop.call_later(self.cancel_grace, self._cancel_overdue, d, m)
-        elif d.next is m and d.ctrl_ident:  # prefetched: it will be skipped, never run
-            self._to(d.ctrl_ident, _protocol.encode(Cancel(m.id)))
-
-    def _on_timeout(self, m: Mirai[Any]) -> None:
-        m.timer = None
-        self.cancel(m, ERROR, MiraiTimeout(f"mirai {m.id} timed out after {m.timeout} s"))
-
-    def _cancel_overdue(self, d: DaemonConn, m: Mirai[Any]) -> None:
-        d.cancel_timer = None
-        if d.task is not m or not d.alive:
-            return
-        log.warning(
-            "daemon pid %s did not stop task %s within %.1f s of a cancel: killing it",
-            d.pid,
-            m.id,
-            self.cancel_grace,
-        )
-        if self.on_kill is not None:
-            self.on_kill(d)
-        if d.ctrl_ident:
-            self._to(d.ctrl_ident, _protocol.encode(Exit("cancel overdue")))
-        if not d.local:
-            self._lost(d, "killed after an overdue cancel")
-
-    # -- everywhere ----------------------------------------------------------------
-    def everywhere(self, item: SetupItem) -> None:
-        """Send a setup call to every daemon now, and remember it for later ones."""
-        self.setups.append(item)
-        self.setup_ids[item.id] = item
-        connected = [d for d in self.daemons.values() if d.alive and d.ident and not d.retiring]
-        item.need_more = max(0, item.need_more - len(connected))
-        for d in connected:
-            self._send_setup(d, item)
-        item.maybe_resolve()
-
-    def _send_setup(self, d: DaemonConn, item: SetupItem) -> None:
-        if d in self.idle:
-            self.idle.remove(d)
-        d.setups_pending += 1
-        item.waiting.add(d.token)
-        if not self._to(d.ident, item.frames):
-            self._lost(d, "send failed")
-
-    # -- receiving -----------------------------------------------------------------
     def _schedule_check(self) -> None:
         # The zmq FD is edge-triggered and a send can consume the edge of an incoming
         # message, so after sending we look at EVENTS; only if a message is waiting do we
         # schedule a read (cheaper than an unconditional extra loop turn).
-        if self.closed:
-            return
-        if not self._check_scheduled and self._getsockopt(_EVENTS) & _POLLIN:
+        if not self.closed and not self._check_scheduled and self._getsockopt(_EVENTS) & _POLLIN:
             self._check_scheduled = True
             self.loop.call_soon(self._on_readable)
 
@@ -416,68 +309,98 @@ class Dispatcher:
             return
         recv = self._recv_one
         get = self._getsockopt
-        handle = self._handle
         for _ in range(10_000):  # bounded so one busy socket cannot starve the loop
             try:
                 if not get(_EVENTS) & _POLLIN:
-                    return
+                    break
                 # Multipart messages arrive atomically: all parts are here once the first is.
                 ident = recv(_NOBLOCK)
-                frames: list[Any] = [recv(_NOBLOCK)]
+                first = recv(_NOBLOCK, copy=False)
+                frames: list[Any] = [first.bytes]
                 while get(_RCVMORE):  # body and tensor frames: zero copy
                     frames.append(recv(_NOBLOCK, copy=False).buffer)
             except zmq.ZMQError as exc:  # socket closed under us
                 log.debug("recv failed: %s", exc)
-                return
-            try:
-                handle(ident, frames)
-            except Exception:  # never let one message kill the dispatcher
-                log.exception("asyncmirai dispatcher: error handling a message")
-        self._check_scheduled = True
-        self.loop.call_soon(self._on_readable)
+                break
+            self._handle(ident, frames, first)
+        else:
+            self._check_scheduled = True
+            self.loop.call_soon(self._on_readable)
+        self.flush()
 
-    def _handle(self, ident: bytes, frames: list[Any]) -> None:
-        d = self.by_ident.get(ident)
+    def _on_monitor(self) -> None:
+        """Connections of remote daemons that closed (killed, or heartbeats timed out)."""
+        mon = self.monitor
+        now = _monotonic()
+        while not self.closed:
+            try:
+                if not mon.getsockopt(_EVENTS) & _POLLIN:
+                    break
+                ev = mon.recv_multipart(_NOBLOCK)
+            except zmq.ZMQError:
+                break
+            fd = int.from_bytes(ev[0][2:6], "little")
+            d = self.by_fd.pop(fd, None)
+            if d is not None:
+                self.sched.disconnected(d, now)
+        self.flush()
+
+    def _safety_tick(self) -> None:
+        if self.closed:
+            return
+        self._on_readable()
+        self._on_monitor()
+        self._safety = self.loop.call_later(1.0, self._safety_tick)
+
+    # -- messages ------------------------------------------------------------------
+    def _handle(self, ident: bytes, frames: list[Any], first: Any) -> None:
         try:
             msg = _protocol.decode(frames)
         except RemoteProtocolError as exc:
             log.warning("asyncmirai: dropped a malformed message from %r: %s", ident, exc)
             return
+        sched = self.sched
+        d = self.by_ident.get(ident)
         cls = type(msg)
-        if d is not None:
-            d.last_seen = time.monotonic()
+        if d is not None and d.alive:
+            if first is not None:  # a message proves the connection on this fd is up
+                self._note_fd(first, d)
             if cls is Result:
-                self._on_result(d, msg)  # type: ignore[arg-type]
-                return
-            if cls is Ping:
-                self._on_ping(d, msg)  # type: ignore[arg-type]
-                return
-            if cls is Cancelled:
-                if msg.revoked:  # type: ignore[union-attr]
-                    self._on_revoked(d, msg.id)  # type: ignore[union-attr]
-                else:
-                    self._task_finished(d, msg.id)  # type: ignore[union-attr]
-                return
-            if cls is Retire:
-                d.retiring = True
-                if d in self.idle:
-                    self.idle.remove(d)
-                # On the task socket, after any task already sent to it: the daemon
-                # answers those with Cancelled(revoked=True) and we run them elsewhere.
-                self._to(d.ident, _protocol.encode(Exit("retired")))
-                if d.task is None:
-                    self._lost(d, f"retired ({msg.reason})")  # type: ignore[union-attr]
-                return
-            if cls is Output:
+                r: Result = msg  # type: ignore[assignment]
+                sched.result(d, r.id, *self._outcome(d, r), _monotonic())
+            elif cls is Ping:
+                p: Ping = msg  # type: ignore[assignment]
+                sched.ping(d, p.current, p.done, p.drops, p.done_drops, _monotonic())
+            elif cls is Cancelled:
+                sched.cancelled(d, msg.id, msg.revoked, _monotonic())  # type: ignore[union-attr]
+            elif cls is Retire:
+                sched.retire(d, msg.reason)  # type: ignore[union-attr]
+            elif cls is Output:
+                sched.seen(d)
                 if self.on_output is not None:
                     self.on_output(d, msg)  # type: ignore[arg-type]
-                return
-        if cls is Hello:
-            self._on_hello(ident, msg)  # type: ignore[arg-type]
             return
-        log.warning("asyncmirai: dropped %s from unknown peer %r", cls.__name__, ident)
+        if cls is Hello:
+            self._on_hello(ident, msg, first)  # type: ignore[arg-type]
+            return
+        # A daemon we gave up on (or forgot at reset) that speaks again: tell it to exit,
+        # once, so it does not linger as a zombie.
+        if ident not in self.told_to_exit and len(self.told_to_exit) < 100_000:
+            self.told_to_exit.add(ident)
+            log.warning(
+                "asyncmirai: %s from an unknown daemon %r: told it to exit", cls.__name__, ident
+            )
+            self._to(ident, _protocol.encode(Exit("unknown to the host")))
 
-    def _on_hello(self, ident: bytes, msg: Hello) -> None:
+    def _note_fd(self, first: Any, d: Daemon) -> None:
+        try:
+            fd = first.get(zmq.SRCFD)
+        except zmq.ZMQError:
+            return
+        if fd > 0 and self.by_fd.get(fd) is not d:
+            self.by_fd[fd] = d
+
+    def _on_hello(self, ident: bytes, msg: Hello, first: Any) -> None:
         if msg.version != PROTOCOL_VERSION:
             reason = (
                 f"protocol version mismatch: daemon speaks {msg.version}, host speaks "
@@ -486,263 +409,69 @@ class Dispatcher:
             log.error("asyncmirai: refused daemon pid %s on %s: %s", msg.pid, msg.host, reason)
             self._to(ident, _protocol.encode(Refuse(reason)))
             return
-        if self.closed:
+        d = self.sched.hello(
+            ident,
+            msg.role,
+            msg.token,
+            pid=msg.pid,
+            host=msg.host,
+            launch=msg.launch,
+            reliable=ident in self.channels,
+            now=_monotonic(),
+        )
+        if d is None:  # after reset
+            self._to(ident, _protocol.encode(Exit("daemons were reset")))
             return
-        d = self.daemons.get(msg.token)
-        if d is None:
-            d = DaemonConn(msg.token)
-            self.daemons[msg.token] = d
-        d.pid, d.host, d.launch = msg.pid, msg.host, msg.launch
         self.by_ident[ident] = d
-        if msg.role == "ctrl":
-            d.ctrl_ident = ident
-            m = d.task
-            if m is not None and m._state:  # cancelled before we could reach its daemon
-                self._to(ident, _protocol.encode(Cancel(m.id)))
-            return
-        if d.ident:  # duplicate hello on the task socket (reconnect): ignore
-            return
-        d.ident = ident
-        d.connected_at = time.time()
-        d.local = self.is_local(d)
-        if not self._to(ident, _protocol.encode(Welcome(self.welcome))):
-            return
-        for item in self.setups:  # replay everywhere() calls, in order
-            if item.need_more > 0 and not item.handle.done():
-                item.need_more -= 1
-                self._send_setup(d, item)
-            else:
-                d.setups_pending += 1
-                self._to(ident, item.frames)
-        self._make_idle(d)
-        self._schedule_check()
+        if first is not None:
+            self._note_fd(first, d)
 
-    def _on_result(self, d: DaemonConn, msg: Result) -> None:
-        m = d.task
-        if m is not None and m.id == msg.id:
-            if not m._state:  # not already cancelled / timed out
-                if msg.ok:
-                    try:
-                        value = _codecs.loads(msg.body, msg.descriptors, msg.buffers, self.table)
-                    except Exception as exc:
-                        m._resolve(ERROR, _decode_failure(exc))
-                    else:
-                        m._resolve(VALUE, value)
-                else:
-                    m._resolve(ERROR, self._remote_error(msg))
-            d.done += 1
-            self.completed += 1
-            self._task_finished(d, msg.id)
-            return
-        item = self.setup_ids.get(msg.id)
-        if item is not None:
-            d.setups_pending -= 1
-            if d.token in item.waiting:
-                item.waiting.discard(d.token)
-                if msg.ok:
-                    try:
-                        item.results.append(
-                            _codecs.loads(msg.body, msg.descriptors, msg.buffers, self.table)
-                        )
-                    except Exception as exc:
-                        item.error = item.error or _decode_failure(exc)
-                else:
-                    item.error = item.error or self._remote_error(msg)
-                item.maybe_resolve()
-            elif not msg.ok:
-                err = self._remote_error(msg)
-                log.warning("asyncmirai: everywhere() replay failed on pid %s: %s", d.pid, err)
-            self._make_idle(d)
-            return
-        # A late reply for a task that was requeued elsewhere: drop it.
-
-    def _on_ping(self, d: DaemonConn, ping: Ping) -> None:
-        """Catch a task or a result lost in a connection drop (ZeroMQ reconnects do not
-        resend): the daemon says what it runs and what it last answered."""
-        d.drops = ping.drops
-        m = d.task
-        if m is None or ping.current == m.id or d.sent_at > time.monotonic() - LOST_AFTER:
-            return
-        if ping.done == m.id:
-            if ping.drops == ping.done_drops:
-                return  # no disconnect since the reply was sent: it is in flight
-        elif ping.drops == d.sent_drops:
-            return  # no disconnect since we sent it: it is on its way
-        d.task = None
-        m.daemon = None
-        if ping.done == m.id:  # it ran, but its reply was lost
-            if not m._state:
-                if m.retries > 0:
-                    m.retries -= 1
-                    self.queue.appendleft(m)
-                else:
-                    m._resolve(
-                        ERROR,
-                        DaemonError(
-                            f"the result of mirai {m.id} was lost in a connection drop "
-                            f"with daemon pid {d.pid} on {d.host}"
-                        ),
-                    )
-        elif not m._state:  # the task message never arrived: it never ran
-            log.warning("asyncmirai: mirai %s was lost on the way to pid %s: resent", m.id, d.pid)
-            self.queue.appendleft(m)
-        self._make_idle(d)
-        self._pump()
-
-    def _on_revoked(self, d: DaemonConn, tid: int) -> None:
-        """``d`` gave task ``tid`` back unstarted (a revoke, or it retires): run it elsewhere.
-        It may sit in either slot: the control channel's acknowledgement can overtake the
-        result of the task before it."""
-        self.revoking.discard(tid)
-        if d.next is not None and d.next.id == tid:
-            m, d.next = d.next, None
-        elif d.task is not None and d.task.id == tid:
-            m, d.task, d.next = d.task, d.next, None
-            if d.task is not None:
-                d.sent_at = time.monotonic()
-            if d.cancel_timer is not None:
-                d.cancel_timer.cancel()
-                d.cancel_timer = None
-        else:
-            return
-        m.daemon = None
-        if not m._state:
-            self.queue.appendleft(m)
-            self._pump()  # to the idle daemon that asked for it, if any
-        if d.retiring:
-            if d.task is None:
-                self._lost(d, "retired")
-        elif d.task is None:
-            self._make_idle(d)
-
-    def _task_finished(self, d: DaemonConn, tid: int) -> None:
-        m = d.task
-        if m is None or m.id != tid:
-            return
-        d.task, d.next = d.next, None  # a prefetched task starts now
-        if d.task is not None:
-            d.sent_at = time.monotonic()
-        m.daemon = None
-        self.revoking.discard(tid)
-        if d.cancel_timer is not None:
-            d.cancel_timer.cancel()
-            d.cancel_timer = None
-        if d.retiring:
-            if d.task is None:
-                self._lost(d, "retired")
-        else:
-            self._make_idle(d)
-
-    def _remote_error(self, msg: Result) -> BaseException:
+    def _outcome(self, d: Daemon, msg: Result) -> tuple[int, Any]:
+        """Decode a result (skipped for one nobody waits for).  Under BaseException: a
+        hostile or broken result (``__reduce__`` = ``sys.exit``) becomes the task's error
+        and never reaches the loop."""
+        job = d.task
+        if (job is None or job.id != msg.id or job.done) and msg.id not in self.sched.setup_ids:
+            return VALUE, None  # a late reply: dropped by the scheduler
         try:
+            if msg.ok:
+                return VALUE, _codecs.loads(
+                    msg.body, msg.descriptors, msg.buffers, self.codecs.table
+                )
             record = _codecs.loads(msg.body, msg.descriptors, msg.buffers, _codecs.DEFAULT_TABLE)
-            return error_from_record(record)
-        except Exception as exc:
-            return _decode_failure(exc)
-
-    # -- daemon loss ---------------------------------------------------------------
-    def _lost(self, d: DaemonConn, reason: str) -> None:
-        """Forget ``d``; its task fails with DaemonError or is requeued under retries."""
-        if not d.alive:
-            return
-        d.alive = False
-        self.daemons.pop(d.token, None)
-        self.by_ident.pop(d.ident, None)
-        self.by_ident.pop(d.ctrl_ident, None)
-        if d in self.idle:
-            self.idle.remove(d)
-        if d.cancel_timer is not None:
-            d.cancel_timer.cancel()
-            d.cancel_timer = None
-        for item in self.setups:
-            if d.token in item.waiting:
-                item.waiting.discard(d.token)
-                item.maybe_resolve()
-        nxt, d.next = d.next, None
-        if nxt is not None:  # prefetched, never started: back to the head of the queue
-            nxt.daemon = None
-            if not nxt._state:
-                self.queue.appendleft(nxt)
-        m, d.task = d.task, None
-        if m is not None:
-            m.daemon = None
-            if not m._state:
-                if m.retries > 0 and not self.closed:
-                    m.retries -= 1
-                    self.queue.appendleft(m)
-                else:
-                    where = f"daemon pid {d.pid} on {d.host}" if d.pid else "daemon"
-                    m._resolve(
-                        ERROR, DaemonError(f"{where} was lost running mirai {m.id}: {reason}")
-                    )
-        if not self.closed:
-            self._pump()
-
-    def lost_pid(self, pid: int, reason: str) -> bool:
-        """A local process exited: forget its connection (drains replies first)."""
-        self._on_readable()  # its last result may be waiting in the socket
-        for d in list(self.daemons.values()):
-            if d.pid == pid and d.local:
-                for ident in (d.ident, d.ctrl_ident):  # or in its socketpair
-                    ch = self.channels.get(ident)
-                    if ch is not None and not ch.closed:
-                        ch._on_readable()
-                if not d.alive:
-                    return True
-                self._lost(d, reason)
-                return True
-        return False
-
-    def _liveness_tick(self) -> None:
-        if self.closed:
-            return
-        self._on_readable()  # a busy loop may have starved us: read first, judge after
-        now = time.monotonic()
-        for d in list(self.daemons.values()):
-            if not d.local and d.ident and now - d.last_seen > self.liveness:
-                self._lost(d, f"no heartbeat for {self.liveness:.0f} s")
-        self._liveness_timer = self.loop.call_later(1.0, self._liveness_tick)
+            return ERROR, error_from_record(record)
+        except BaseException as exc:  # noqa: BLE001 - see docstring
+            return ERROR, _decode_failure(exc)
 
     # -- introspection and shutdown ------------------------------------------------
     def status(self) -> dict[str, Any]:
-        live = [d for d in self.daemons.values() if d.ident and d.alive]
-        return {
-            "connections": len(live),
-            "url": self.url,
-            "awaiting": sum(1 for m in self.queue if not m._state)
-            + sum(1 for d in live if d.next is not None and not d.next._state),
-            "executing": sum(1 for d in live if d.task is not None),
-            "completed": self.completed,
-            "daemons": [d.row() for d in live],
-        }
+        """Counters and per-daemon rows (loop thread)."""
+        return {"url": self.url, **self.sched.status()}
 
     def close(self, reason: str = "daemons were reset") -> None:
         """Fail every unresolved task with DaemonError, tell daemons to exit, close."""
         if self.closed:
             return
+        self._drain()
+        self.sched.close(reason)
+        self.flush()
         self.closed = True
-        err = f"{reason} before the task resolved"
-        while self.queue:
-            self.queue.popleft()._resolve(ERROR, DaemonError(err))
-        for d in list(self.daemons.values()):
-            for m in (d.task, d.next):
-                if m is not None:
-                    m._resolve(ERROR, DaemonError(err))
-            for ident in (d.ctrl_ident, d.ident):
-                if ident:
-                    self._to(ident, _protocol.encode(Exit(reason)))
-            if d.cancel_timer is not None:
-                d.cancel_timer.cancel()
-        for item in self.setups:
-            item.handle._resolve(ERROR, DaemonError(err))
-        self._liveness_timer.cancel()
+        for t in (self._timer, self._safety):
+            if t is not None:
+                t.cancel()
         for ch in list(self.channels.values()):
             ch.close()
         self.channels.clear()
+        for fd in (self._fd, self._mon_fd):
+            try:
+                self.loop.remove_reader(fd)
+            except Exception:  # the loop may be closed already
+                pass
         try:
-            self.loop.remove_reader(self._fd)
-        except Exception:  # the loop may be closed already
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
             pass
+        self.monitor.close(linger=0)
         self.sock.close(linger=200)
 
 

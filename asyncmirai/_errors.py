@@ -55,7 +55,7 @@ def error_from_record(record: Any) -> MiraiError:
     if blob is not None:
         try:
             err.__cause__ = pickle.loads(blob)
-        except Exception:  # its class may not exist here: the text is kept
+        except BaseException:  # noqa: BLE001 - absent class, or a hostile SystemExit
             pass
     return err
 

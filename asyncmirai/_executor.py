@@ -85,7 +85,7 @@ class MiraiExecutor(cf.Executor):
             live = list(self._live.items())
         if cancel_futures:
             for fut, m in live:
-                if m.daemon is None and not m.done():  # still queued
+                if m.state == "queued":
                     fut.cancel()
         if wait:
             for fut, _ in live:

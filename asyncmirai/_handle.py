@@ -11,17 +11,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ._errors import MiraiCancelled
 
 _get_running_loop = asyncio.events._get_running_loop
 
-if TYPE_CHECKING:
-    from ._dispatcher import DaemonConn
-    from ._profile import Profile
-
-__all__ = ["Mirai"]
+__all__ = ["HandleOwner", "Mirai"]
 
 T = TypeVar("T")
 
@@ -36,6 +32,19 @@ def _set_future(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+class HandleOwner(Protocol):
+    """Whoever runs the work behind a handle (a profile): the handle knows only this."""
+
+    def cancel(self, handle: Mirai[Any]) -> bool:
+        """Cancel the work; True if this call resolved the handle as cancelled."""
+
+    def check_may_block(self) -> None:
+        """Raise RuntimeError if blocking here could never see the handle resolve."""
+
+    def state(self, handle: Mirai[Any]) -> str:
+        """``"queued"`` or ``"running"`` for a pending handle."""
+
+
 class Mirai(Generic[T]):
     """Handle of a task running on a daemon: ``await`` it, or call :meth:`result`.
 
@@ -43,44 +52,22 @@ class Mirai(Generic[T]):
     other loops and threads.  Cancelling the awaiting task cancels the task on the daemon.
     """
 
-    __slots__ = (
-        "id",
-        "_state",
-        "_value",
-        "_callbacks",
-        "_profile",
-        "frames",
-        "retries",
-        "timeout",
-        "timer",
-        "daemon",
-        "__weakref__",
-    )
+    __slots__ = ("id", "_state", "_value", "_callbacks", "_owner", "_job", "__weakref__")
 
-    def __init__(
-        self,
-        id: int,
-        profile: Profile | None,
-        frames: list[Any] | None = None,
-        retries: int = 0,
-        timeout: float | None = None,
-    ) -> None:
+    def __init__(self, id: int, owner: HandleOwner | None = None, job: Any = None) -> None:
         self.id = id
         self._state = PENDING
         self._value: Any = None
-        self._callbacks: list[Callable[[Mirai[Any]], None]] | None = []
-        self._profile = profile
-        self.frames = frames
-        self.retries = retries
-        self.timeout = timeout
-        self.timer: asyncio.TimerHandle | None = None
-        self.daemon: DaemonConn | None = None
+        # Created on the first callback: most handles are awaited once or never.
+        self._callbacks: list[Callable[[Mirai[Any]], None]] | None = None
+        self._owner = owner
+        self._job = job  # the owner's record of the work (opaque here)
 
     def __repr__(self) -> str:
         state = ("pending", "resolved", "errored", "cancelled")[self._state]
         return f"<Mirai id={self.id} {state}>"
 
-    # -- resolution (dispatcher side) ----------------------------------------------
+    # -- resolution (owner side) ---------------------------------------------------
     def _resolve(self, state: int, value: Any) -> bool:
         """Resolve once; returns False (and changes nothing) if already resolved."""
         with _LOCK:
@@ -90,18 +77,7 @@ class Mirai(Generic[T]):
             self._value = value
             callbacks = self._callbacks
             self._callbacks = None
-        self.frames = None  # release argument buffers
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            prof = self._profile
-            if prof is None or threading.get_ident() == prof.loop_thread_id:
-                timer.cancel()
-            else:  # asyncio handles are not thread-safe: cancel it on its loop
-                try:
-                    prof.loop.call_soon_threadsafe(timer.cancel)
-                except RuntimeError:  # loop closed: nothing left to cancel
-                    pass
+        self._job = None
         if callbacks:
             for cb in callbacks:
                 try:
@@ -113,8 +89,11 @@ class Mirai(Generic[T]):
     def add_done_callback(self, fn: Callable[[Mirai[T]], None]) -> None:
         """Call ``fn(self)`` once resolved (at once if already), on the resolving thread."""
         with _LOCK:
-            if self._callbacks is not None:
-                self._callbacks.append(fn)
+            if self._state == PENDING:
+                if self._callbacks is None:
+                    self._callbacks = [fn]
+                else:
+                    self._callbacks.append(fn)
                 return
         fn(self)
 
@@ -135,13 +114,18 @@ class Mirai(Generic[T]):
             raise MiraiCancelled(f"mirai {self.id} was cancelled")
         raise self._value
 
+    @property
+    def state(self) -> str:
+        """``"queued"``, ``"running"`` (on a daemon) or ``"done"``."""
+        if self._state != PENDING:
+            return "done"
+        owner = self._owner
+        return "queued" if owner is None else owner.state(self)
+
     def _check_not_dispatcher_thread(self) -> None:
-        prof = self._profile
-        if prof is not None and prof.is_dispatcher_thread():
-            raise RuntimeError(
-                "Mirai.result() was called on the thread that runs the dispatcher's event "
-                "loop, so it could never resolve: use `await m` there instead"
-            )
+        owner = self._owner
+        if owner is not None:
+            owner.check_may_block()
 
     def result(self, timeout: float | None = None) -> T:
         """Block until resolved and return the value (for sync code and other threads).
@@ -187,10 +171,10 @@ class Mirai(Generic[T]):
         """
         if self._state != PENDING:
             return False
-        prof = self._profile
-        if prof is None:
+        owner = self._owner
+        if owner is None:
             return self._resolve(CANCELLED, None)
-        return prof.cancel(self)
+        return owner.cancel(self)
 
     # -- awaiting ------------------------------------------------------------------
     def __await__(self) -> Generator[Any, None, T]:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mappin
 from typing import Any, Generic, TypeVar
 
 from ._errors import MiraiCancelled, error_from_record
-from ._handle import CANCELLED, PENDING, VALUE, Mirai
+from ._handle import Mirai
 
 __all__ = ["MiraiMap", "as_completed", "collect", "mirai_map", "race"]
 
@@ -81,13 +81,17 @@ def _set(fut: Any) -> None:
         fut.set_result(None)
 
 
+def _ok(m: Mirai[Any]) -> bool:
+    """A resolved handle holds a value (not an error, not cancelled)."""
+    return not m.cancelled() and m.exception() is None
+
+
 def _value_or_exc(m: Mirai[Any]) -> Any:
-    state = m._state
-    if state == VALUE:
-        return m._value
-    if state == CANCELLED:
+    """A resolved handle's value, or its error as an object."""
+    if m.cancelled():
         return MiraiCancelled(f"mirai {m.id} was cancelled")
-    return m._value
+    exc = m.exception()
+    return m.result() if exc is None else exc
 
 
 async def _as_completed_indices(ms: Sequence[Mirai[Any]]) -> AsyncIterator[int]:
@@ -122,7 +126,7 @@ async def as_completed(
         if return_exceptions:
             yield i, _value_or_exc(m)
         else:
-            yield i, m._outcome()
+            yield i, m.result()
 
 
 async def race(ms: Iterable[Mirai[Any]]) -> int:
@@ -148,9 +152,9 @@ async def collect(ms: Iterable[Mirai[T]], *, return_exceptions: bool = False) ->
     items = list(ms)
     async for i in _as_completed_indices(items):
         m = items[i]
-        if not return_exceptions and m._state != VALUE:
-            m._outcome()  # raises the first error to occur
-    return [(_value_or_exc(m) if return_exceptions else m._value) for m in items]
+        if not return_exceptions and not _ok(m):
+            m.result()  # raises the first error to occur
+    return [(_value_or_exc(m) if return_exceptions else m.result()) for m in items]
 
 
 class MiraiMap(Generic[T]):
@@ -174,6 +178,7 @@ class MiraiMap(Generic[T]):
         self.keys = keys
         self.mirai = mirai
         self._sizes = sizes
+        self._index = {m.id: i for i, m in enumerate(mirai)} if sizes is not None else {}
         self._stop = stop
         self._progress = progress
         self._first_error: BaseException | None = None
@@ -197,11 +202,12 @@ class MiraiMap(Generic[T]):
         stop_now = False
         with self._lock:
             self._pending -= 1
-            if m._state != VALUE and self._first_error is None:
+            ok = _ok(m)
+            if not ok and self._first_error is None:
                 self._first_error = _value_or_exc(m)
                 stop_now = self._stop
-            elif m._state == VALUE and self._sizes is not None and self._first_error is None:
-                errors = m._value[1]
+            elif ok and self._sizes is not None and self._first_error is None:
+                errors = m.result()[1]
                 if errors:
                     self._first_error = error_from_record(errors[min(errors)])
                     stop_now = self._stop
@@ -209,8 +215,8 @@ class MiraiMap(Generic[T]):
         bar = self._progress
         if bar is not None:
             n = 1
-            if self._sizes is not None and m._state == VALUE:
-                n = len(m._value)
+            if self._sizes is not None:  # a chunk: (values, errors) -> its size
+                n = len(m.result()[0]) if ok else self._sizes[self._index[m.id]]
             self._ctx.copy().run(bar.update, n)
         if stop_now:
             self.cancel()
@@ -232,7 +238,7 @@ class MiraiMap(Generic[T]):
     def cancel(self) -> None:
         """Cancel every task of the map that has not resolved."""
         for m in self.mirai:
-            if m._state == PENDING:
+            if not m.done():
                 m.cancel()
 
     def _values(self) -> list[Any]:
@@ -243,8 +249,8 @@ class MiraiMap(Generic[T]):
         else:
             flat = []
             for m, size in zip(self.mirai, self._sizes, strict=True):
-                if m._state == VALUE:
-                    flat.extend(_unpack_chunk(m._value))
+                if _ok(m):
+                    flat.extend(_unpack_chunk(m.result()))
                 else:
                     flat.extend([_value_or_exc(m)] * size)
         return flat
@@ -291,8 +297,8 @@ class MiraiMap(Generic[T]):
                 else:
                     start = sum(self._sizes[:i])
                     values = (
-                        _unpack_chunk(m._value)
-                        if m._state == VALUE
+                        _unpack_chunk(m.result())
+                        if _ok(m)
                         else [_value_or_exc(m)] * self._sizes[i]
                     )
                     for j, v in enumerate(values):
@@ -354,7 +360,7 @@ def mirai_map(
         a :class:`MiraiMap` handle.
     """
     from ._api import mirai
-    from ._daemon import run_chunk
+    from ._call import run_chunk
 
     if not iterables:
         raise TypeError("mirai_map() needs at least one iterable")

@@ -36,6 +36,7 @@ __all__ = [
     "curve_keypair",
     "load_keypair",
     "private_tmpdir",
+    "raise_fd_limit",
     "read_secret_fd",
     "read_secret_file",
     "release_tmpdir",
@@ -354,3 +355,23 @@ def release_tmpdir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
     with _dirs_lock:
         _dirs.pop(path, None)
+
+
+def raise_fd_limit(cap: int = 1 << 16) -> None:
+    """Raise this process's soft limit on open files towards its hard limit.
+
+    A tcp profile accepts connections from the network; unauthenticated peers that never
+    finish the CurveZMQ handshake hold a descriptor each until libzmq's handshake deadline
+    closes them.  With the common soft limit of 1,024, a few hundred of them used to
+    starve the host of fds for its own daemons.  Raising the soft limit is what servers
+    do (the hard limit is the administrator's word); capped so nothing sizes tables by it.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass

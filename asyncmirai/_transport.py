@@ -1,6 +1,6 @@
 """The same-host transport: multi-frame messages over a Unix stream socket pair.
 
-Why (measured on the 2-vCPU dev VM, DESIGN.md §2 "transport seam"): a ZeroMQ round trip
+Why (measured on the 2-vCPU dev VM; the "transport seam" of the design card): a ZeroMQ round trip
 wakes four threads per direction (app, I/O thread, I/O thread, app), and every cross-CPU
 wake-up costs tens of microseconds in this VM; a socketpair wakes only the two processes.
 Local daemons therefore talk to the dispatcher over a socketpair each (one for tasks,
@@ -314,6 +314,7 @@ class LoopChannel:
                 sent = 0
             except OSError:
                 self.close()
+                self.on_close(self)
                 return False
             if sent < len(data):
                 self.pending.append(_Pending(memoryview(data)[sent:], []))

@@ -97,8 +97,7 @@ def _job_or_404(job_id: str) -> am.Mirai[Any]:
 def _describe(job_id: str, m: am.Mirai[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"id": job_id, "status": "pending", "result": None, "error": None}
     if not m.done():
-        # A mirai handed to a daemon records it; until then the task is queued.
-        if getattr(m, "daemon", None) is not None:
+        if m.state == "running":  # on a daemon; else still queued
             out["status"] = "running"
         return out
     if m.cancelled():

@@ -1,0 +1,880 @@
+"""The scheduler, sans I/O: every task and daemon state of one compute profile.
+
+This is the h11 ``Connection`` of the project.  It owns the FIFO queue, the daemons
+(idle, busy, prefetched, retiring, replaying ``everywhere()`` setups), retries, timeouts
+as deadlines, cancels, revokes, the detection of tasks and results lost in a connection
+drop, and the decisions to spawn, respawn and kill local daemons with their circuit
+breaker.  It touches no socket, loop, thread or clock:
+
+* events come in as method calls (:meth:`Scheduler.submit`, :meth:`Scheduler.result`,
+  :meth:`Scheduler.hello`, :meth:`Scheduler.process_exited`, :meth:`Scheduler.tick` ...),
+  each with ``now`` when time matters;
+* actions go out through :attr:`Scheduler.out`, a worklist of tuples the caller performs
+  in order (``SEND`` frames to a daemon, ``CANCEL`` on its control channel, ``EXIT``,
+  ``RESOLVE`` a handle, ``KILL`` a local process, ``SPAWN`` local daemons), and
+  :meth:`Scheduler.next_deadline` says when to call :meth:`Scheduler.tick` again.
+
+Performing an action never calls back into the scheduler recursively: a failed send is
+reported as a new event (:meth:`Scheduler.send_failed`) whose actions join the end of
+the worklist.  So 400 daemons vanishing at once is a loop, not a recursion.
+
+The I/O shell is ``_dispatcher``; the tests in ``tests/test_scheduler.py`` drive this
+module alone with a fake clock and a Hypothesis state machine.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import signal
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ._errors import DaemonError, MiraiTimeout
+
+__all__ = [
+    "CANCEL",
+    "EXIT",
+    "KILL",
+    "RESOLVE",
+    "SEND",
+    "SPAWN",
+    "WELCOME",
+    "Daemon",
+    "Job",
+    "Scheduler",
+    "Setup",
+]
+
+log = logging.getLogger("asyncmirai")
+
+# Outcome states a handle resolves to (the same numbers as ``_handle``).
+VALUE, ERROR, CANCELLED = 1, 2, 3
+
+# Actions: (SEND, daemon, frames, job_or_None) on the task channel; (CANCEL, daemon,
+# task_id, revoke) on the control channel; (EXIT, daemon, reason, channels); (WELCOME,
+# daemon); (RESOLVE, handle, state, value); (KILL, daemon); (SPAWN, k).
+SEND, CANCEL, EXIT, WELCOME, RESOLVE, KILL, SPAWN = range(7)
+# Which channels an EXIT goes on: the task channel orders it after tasks already sent;
+# the control channel reaches a daemon whose main thread is stuck.
+TASK_CHANNEL, CTRL_CHANNEL, BOTH_CHANNELS = 1, 2, 3
+
+# Deadline kinds in the heap.
+_TIMEOUT, _GRACE, _DISCONNECT, _RESPAWN = range(4)
+
+#: A remote daemon whose pings, this long after a task was sent, say it neither runs nor
+#: ran it, lost the task message in a connection drop.
+LOST_AFTER = 3.0
+#: Seconds a remote daemon may stay disconnected (ZeroMQ reconnects on its own) before
+#: it is declared lost.  Disconnects come from the kernel (a closed tcp connection) or
+#: libzmq's heartbeats, both independent of the daemon's GIL.
+RECONNECT_GRACE = 1.0
+#: Consecutive start-up failures of local daemons that trip the breaker.
+BREAKER_TRIPS_AT = 3
+#: Backoff of a respawn whose ``spawn`` failed (EMFILE, ENOMEM): first and last delay.
+RESPAWN_BACKOFF = (0.1, 5.0)
+#: Exit statuses that mean "killed from outside", not "failed to start".
+_OUTSIDE_KILLS = frozenset((-signal.SIGKILL, -signal.SIGTERM))
+
+
+class Job:
+    """The scheduler's record of one task (the handle is the user's side of it)."""
+
+    __slots__ = (
+        "id",
+        "handle",
+        "frames",
+        "retries",
+        "timeout",
+        "daemon",
+        "done",
+        "inq",
+        "revoking",
+    )
+
+    def __init__(
+        self,
+        id: int,
+        handle: Any,
+        frames: Any,
+        retries: int = 0,
+        timeout: float | None = None,
+    ) -> None:
+        self.id = id
+        self.handle = handle
+        self.frames = frames  # released once the job is done
+        self.retries = retries
+        self.timeout = timeout
+        self.daemon: Daemon | None = None  # where it was sent (running or prefetched)
+        self.done = False  # resolved (value, error, timeout, cancel, reset)
+        self.inq = False  # counted in the queue (a cancelled one stays there, skipped)
+        self.revoking = False  # a revoke is on its way to its daemon
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id}{' done' if self.done else ''}>"
+
+
+class Setup:
+    """One ``everywhere()`` call: replayed to every daemon, resolved once the daemons it
+    waits for have answered."""
+
+    __slots__ = ("id", "frames", "handle", "label", "waiting", "need_more", "results", "error")
+
+    def __init__(self, id: int, frames: Any, handle: Any, need_more: int, label: str = "") -> None:
+        self.id = id
+        self.frames = frames
+        self.handle = handle
+        self.label = label or f"everywhere() call {id}"
+        self.waiting: set[Daemon] = set()
+        self.need_more = need_more  # daemons that have not connected yet but count
+        self.results: list[Any] = []
+        self.error: BaseException | None = None
+
+
+class Daemon:
+    """What the scheduler knows about one connected daemon.
+
+    ``ident`` and ``ctrl_ident`` are the transport's addresses of its two channels: opaque
+    here, used by the I/O shell.
+    """
+
+    __slots__ = (
+        "token",
+        "ident",
+        "ctrl_ident",
+        "pid",
+        "host",
+        "launch",
+        "local",
+        "reliable",
+        "task",
+        "next",
+        "replay",
+        "ready",
+        "retiring",
+        "alive",
+        "done",
+        "connected_at",
+        "sent_at",
+        "drops",
+        "sent_drops",
+        "grace_job",
+        "disconnected_at",
+        "__weakref__",
+    )
+
+    def __init__(self, token: bytes) -> None:
+        self.token = token
+        self.ident: Any = None
+        self.ctrl_ident: Any = None
+        self.pid = 0
+        self.host = ""
+        self.launch = ""
+        self.local = False  # a process this host started (the supervisor watches it)
+        self.reliable = False  # an ordered, lossless channel: prefetch allowed
+        self.task: Job | None = None  # the task it runs (or was last sent)
+        self.next: Job | None = None  # prefetched behind ``task``
+        self.replay: deque[Setup] = deque()  # setups sent to it and not yet answered
+        self.ready = False  # connected and its setups replayed: healthy
+        self.retiring = False
+        self.alive = True
+        self.done = 0
+        self.connected_at = 0.0
+        self.sent_at = 0.0
+        self.drops = 0  # disconnects of its task channel it reported (pings)
+        self.sent_drops = 0  # ``drops`` when ``task`` was sent
+        self.grace_job: Job | None = None  # cancelled task it must stop in time
+        self.disconnected_at: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Daemon pid={self.pid} {'alive' if self.alive else 'gone'}>"
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "host": self.host,
+            "launch": self.launch,
+            "busy": self.task is not None,
+            "tasks_done": self.done,
+            "connected_at": self.connected_at,
+            "local": self.local,
+        }
+
+
+class Scheduler:
+    """Pure state machine of one compute profile (see the module doc).
+
+    Args:
+        local_target: local daemons the profile keeps running (respawned when they go).
+        hostname: this host's name, to tell local daemons from remote ones with the
+            same pid.
+        cancel_grace: seconds a cancelled task may take to stop before its daemon is
+            killed.
+        prefetch: send one more task to a busy daemon under a backlog (reliable
+            channels only).
+        wall: a wall clock for ``connected_at`` in status rows (the only clock read
+            here, and only for display).
+    """
+
+    def __init__(
+        self,
+        *,
+        local_target: int = 0,
+        hostname: str = "",
+        cancel_grace: float = 2.0,
+        prefetch: bool = True,
+        wall: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        self.out: deque[tuple[Any, ...]] = deque()
+        self.queue: deque[Job] = deque()  # FIFO; done jobs are skipped lazily
+        self.queued = 0  # jobs in ``queue`` not done
+        self.idle: dict[Daemon, None] = {}  # insertion-ordered set: O(1) add/remove/pick
+        self.prefetched: dict[Daemon, None] = {}  # daemons holding a task in ``next``
+        self.daemons: dict[bytes, Daemon] = {}  # connected, by token
+        self.procs: dict[int, Daemon | None] = {}  # local processes: pid -> connection
+        self.setups: list[Setup] = []
+        self.setup_ids: dict[int, Setup] = {}
+        self.local_target = local_target
+        self.hostname = hostname
+        self.cancel_grace = cancel_grace
+        self.prefetch = prefetch
+        self.wall = wall
+        self.spawning = 0  # SPAWNs emitted and not yet answered by spawned/spawn_failed
+        self.respawn_at: float | None = None
+        self.backoff = RESPAWN_BACKOFF[0]
+        self.early_failures = 0
+        self.broken: str | None = None
+        self.closed = False
+        self.counters = dict.fromkeys(
+            ("submitted", "completed", "failed", "cancelled", "retried", "timed_out", "respawned"),
+            0,
+        )
+        self._heap: list[tuple[float, int, int, Any, Any]] = []
+        self._seq = itertools.count()
+
+    # -- deadlines -----------------------------------------------------------------
+    def _at(self, when: float, kind: int, a: Any, b: Any = None) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), kind, a, b))
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` must next be called (None: no deadline)."""
+        heap = self._heap
+        while heap and not self._pending(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def _pending(self, entry: tuple[float, int, int, Any, Any]) -> bool:
+        """Is a heap entry still meaningful (else it is dropped lazily)?"""
+        kind, a, b = entry[2], entry[3], entry[4]
+        if kind == _TIMEOUT:
+            return not a.done
+        if kind == _GRACE:
+            return a.alive and a.grace_job is b and a.task is b
+        if kind == _DISCONNECT:
+            return a.alive and a.disconnected_at is not None
+        return self.respawn_at == entry[0] and not self.closed
+
+    def tick(self, now: float) -> None:
+        """Fire every deadline that is due at ``now``."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if not self._pending(entry):
+                continue
+            kind, a, b = entry[2], entry[3], entry[4]
+            if kind == _TIMEOUT:
+                self.counters["timed_out"] += 1
+                self._cancel(
+                    a, now, ERROR, MiraiTimeout(f"mirai {a.id} timed out after {a.timeout} s")
+                )
+            elif kind == _GRACE:
+                self._overdue(a, b)
+            elif kind == _DISCONNECT:
+                due = a.disconnected_at + RECONNECT_GRACE  # the same sum as when armed
+                if due <= now:
+                    self.gone(a, "its connection closed", now)
+                else:
+                    self._at(due, _DISCONNECT, a)
+            else:
+                self.respawn_at = None
+                self._top_up()
+
+    # -- submission ----------------------------------------------------------------
+    def submit(self, job: Job, now: float = 0.0) -> None:
+        """A new task: send it to an idle daemon, or queue it (FIFO)."""
+        self.counters["submitted"] += 1
+        if job.done:  # cancelled before it reached us
+            return
+        if self.closed:
+            self._resolve(
+                job, ERROR, DaemonError("daemons were reset before the task was dispatched")
+            )
+            return
+        if job.timeout is not None:
+            self._at(now + job.timeout, _TIMEOUT, job)
+        if self.broken is not None and not self._serving():
+            self._resolve(job, ERROR, DaemonError(self.broken))
+            return
+        idle = self.idle
+        if idle and not self.queued:
+            d, _ = idle.popitem()
+            self._send(d, job, now)
+        else:
+            self.queue.append(job)
+            job.inq = True
+            self.queued += 1
+
+    def _send(self, d: Daemon, job: Job, now: float) -> None:
+        if d.task is None:
+            d.task = job
+            d.sent_at = now
+            d.sent_drops = d.drops
+        else:
+            d.next = job
+            self.prefetched[d] = None
+        job.daemon = d
+        self.out.append((SEND, d, job.frames, job))
+
+    def _pop(self) -> Job | None:
+        queue = self.queue
+        while queue:
+            job = queue.popleft()
+            if job.inq:
+                job.inq = False
+                self.queued -= 1
+                return job
+        return None
+
+    def _requeue(self, job: Job) -> None:
+        """Back to the head of the queue (it never ran, or it is retried)."""
+        job.daemon = None
+        job.revoking = False
+        if job.done:
+            return
+        if self.closed:
+            self._resolve(job, ERROR, DaemonError("daemons were reset before the task resolved"))
+            return
+        self.queue.appendleft(job)
+        job.inq = True
+        self.queued += 1
+
+    def _serving(self) -> bool:
+        """Is some daemon connected and healthy (so queued work will be served)?"""
+        return any(d.ready and not d.retiring for d in self.daemons.values())
+
+    def _pump(self, now: float) -> None:
+        """Hand queued tasks to idle daemons."""
+        idle = self.idle
+        while self.queued and idle:
+            job = self._pop()
+            if job is None:
+                break
+            d, _ = idle.popitem()
+            self._send(d, job, now)
+
+    def _make_idle(self, d: Daemon, now: float) -> None:
+        """Give ``d`` work if it can take some: a task if it has none and, under a
+        backlog, one more to start as soon as it finishes (prefetch: the daemon never
+        waits for our round trip)."""
+        if not d.alive or d.retiring or d.replay:
+            return
+        if d.task is None:
+            job = self._pop()
+            if job is None:
+                self.idle[d] = None
+                self._revoke_for(now)
+                return
+            self._send(d, job, now)
+        if (
+            self.prefetch
+            and d.reliable
+            and d.next is None
+            # a backlog that keeps every daemon busy anyway: FIFO order is unaffected
+            and self.queued > max(len(self.daemons), self.local_target)
+        ):
+            job = self._pop()
+            if job is not None:
+                self._send(d, job, now)
+
+    def _revoke_for(self, now: float) -> None:
+        """A daemon is idle with nothing queued: take back one task prefetched behind a
+        busy daemon (if it has not started), so it runs on the idle one."""
+        for d in list(self.prefetched):
+            job = d.next
+            if job is None or job.done:
+                if job is None:
+                    del self.prefetched[d]
+                continue
+            if not job.revoking:
+                job.revoking = True
+                self.out.append((CANCEL, d, job.id, True))
+                return
+
+    # -- cancel and timeout --------------------------------------------------------
+    def cancel(self, job: Job, now: float = 0.0) -> None:
+        """The user cancelled ``job`` (its handle is resolved as cancelled already or
+        is resolved by the RESOLVE this emits)."""
+        if not job.done:
+            self.counters["cancelled"] += 1
+        self._cancel(job, now, CANCELLED, None)
+
+    def _cancel(self, job: Job, now: float, state: int, value: Any) -> None:
+        if job.done:
+            return
+        self._resolve(job, state, value)
+        if job.inq:  # still in the queue: skipped when popped
+            job.inq = False
+            self.queued -= 1
+            return
+        d = job.daemon
+        if d is None or not d.alive:
+            return
+        if d.task is job:
+            self.out.append((CANCEL, d, job.id, False))
+            d.grace_job = job
+            self._at(now + self.cancel_grace, _GRACE, d, job)
+        elif d.next is job:  # prefetched: the daemon skips it, never runs it
+            self.out.append((CANCEL, d, job.id, False))
+
+    def _overdue(self, d: Daemon, job: Job) -> None:
+        log.warning(
+            "daemon pid %s did not stop task %s within %.1f s of a cancel: killing it",
+            d.pid,
+            job.id,
+            self.cancel_grace,
+        )
+        d.grace_job = None
+        self.out.append((KILL, d))
+        self.out.append((EXIT, d, "cancel overdue", CTRL_CHANNEL))
+        if not d.local:  # a local one is forgotten when its process exits
+            self.gone(d, "killed after an overdue cancel")
+
+    def _resolve(self, job: Job, state: int, value: Any) -> None:
+        job.done = True
+        job.frames = None
+        if state == ERROR:
+            self.counters["failed"] += 1
+        self.out.append((RESOLVE, job.handle, state, value))
+
+    # -- everywhere ----------------------------------------------------------------
+    def everywhere(self, item: Setup) -> None:
+        """Run a setup on every daemon now, and on every daemon that connects later."""
+        if self.closed:
+            self.out.append((RESOLVE, item.handle, ERROR, DaemonError("daemons were reset")))
+            return
+        self.setups.append(item)
+        self.setup_ids[item.id] = item
+        connected = [
+            d for d in self.daemons.values() if d.alive and d.ident is not None and not d.retiring
+        ]
+        item.need_more = max(0, item.need_more - len(connected))
+        for d in connected:
+            item.waiting.add(d)
+            self._send_setup(d, item)
+        self._maybe_resolve_setup(item)
+
+    def _send_setup(self, d: Daemon, item: Setup) -> None:
+        self.idle.pop(d, None)
+        d.replay.append(item)
+        self.out.append((SEND, d, item.frames, None))
+
+    def _maybe_resolve_setup(self, item: Setup) -> None:
+        if item.waiting or item.need_more > 0 or item.handle is None:
+            return
+        handle, item.handle = item.handle, None
+        if item.error is not None:
+            self.out.append((RESOLVE, handle, ERROR, item.error))
+        else:
+            self.out.append((RESOLVE, handle, VALUE, item.results))
+
+    # -- messages from daemons -----------------------------------------------------
+    def hello(
+        self,
+        ident: Any,
+        role: str,
+        token: bytes,
+        *,
+        pid: int,
+        host: str,
+        launch: str = "",
+        reliable: bool = False,
+        now: float = 0.0,
+    ) -> Daemon | None:
+        """A daemon's channel said hello.  Returns its record (None after reset)."""
+        if self.closed:
+            return None
+        d = self.daemons.get(token)
+        if d is None:
+            d = Daemon(token)
+            d.pid, d.host, d.launch = pid, host, launch
+            self.daemons[token] = d
+        if role == "ctrl":
+            d.ctrl_ident = ident
+            job = d.task
+            if job is not None and job.done:  # cancelled before we could reach it
+                self.out.append((CANCEL, d, job.id, False))
+            return d
+        if d.ident is not None:  # a duplicate hello on the task channel: ignore
+            return d
+        d.ident = ident
+        d.reliable = reliable
+        d.connected_at = self.wall()
+        if pid in self.procs and host == self.hostname and self.procs[pid] is None:
+            d.local = True
+            self.procs[pid] = d
+        self.out.append((WELCOME, d))
+        for item in self.setups:  # replay everywhere() calls, in order, before any task
+            if item.need_more > 0 and item.handle is not None:
+                item.need_more -= 1
+                item.waiting.add(d)
+            self._send_setup(d, item)
+        if not d.replay:
+            self._ready(d, now)
+        return d
+
+    def _ready(self, d: Daemon, now: float) -> None:
+        """``d`` is connected and has replayed every setup: healthy."""
+        d.ready = True
+        self.early_failures = 0
+        self.backoff = RESPAWN_BACKOFF[0]
+        if self.broken is not None:  # a healthy daemon heals the breaker
+            log.warning("asyncmirai: a daemon connected: the profile serves again")
+            self.broken = None
+            self._top_up()
+        self._make_idle(d, now)
+
+    def result(self, d: Daemon, tid: int, state: int, value: Any, now: float = 0.0) -> None:
+        """``d`` answered task or setup ``tid`` with a value (``VALUE``) or an error."""
+        d.disconnected_at = None
+        job = d.task
+        if job is not None and job.id == tid:
+            if not job.done:
+                self.counters["completed"] += 1
+                self._resolve(job, state, value)
+            d.done += 1
+            self._finished(d, now)
+            return
+        item = self.setup_ids.get(tid)
+        if item is not None and d.replay and d.replay[0] is item:
+            d.replay.popleft()
+            if d in item.waiting:
+                item.waiting.discard(d)
+                if state == VALUE:
+                    item.results.append(value)
+                elif item.error is None:
+                    item.error = value
+                self._maybe_resolve_setup(item)
+            elif state != VALUE:
+                log.warning(
+                    "asyncmirai: %s failed on replay to pid %s: %s", item.label, d.pid, value
+                )
+            if not d.replay and not d.ready:
+                self._ready(d, now)
+            else:
+                self._make_idle(d, now)
+        # else: a late reply for a task that was requeued elsewhere: dropped
+
+    def cancelled(self, d: Daemon, tid: int, revoked: bool, now: float = 0.0) -> None:
+        """``d`` acknowledged a cancel (the task stopped) or a revoke (never started)."""
+        d.disconnected_at = None
+        if not revoked:
+            job = d.task
+            if job is not None and job.id == tid:
+                self._finished(d, now)
+            return
+        if d.next is not None and d.next.id == tid:
+            job = d.next
+            d.next = None
+            self.prefetched.pop(d, None)
+        elif d.task is not None and d.task.id == tid:
+            # The acknowledgement may overtake the result of the task before it.
+            job = d.task
+            d.task, d.next = d.next, None
+            self.prefetched.pop(d, None)
+            d.grace_job = None
+            if d.task is not None:
+                d.sent_at = now
+        else:
+            return
+        self._requeue(job)
+        self._pump(now)  # to the idle daemon that asked for it, if any
+        if d.retiring:
+            if d.task is None:
+                self.gone(d, "retired")
+        elif d.task is None:
+            self._make_idle(d, now)
+
+    def _finished(self, d: Daemon, now: float) -> None:
+        job = d.task
+        assert job is not None
+        job.daemon = None
+        job.frames = None
+        d.task, d.next = d.next, None  # a prefetched task starts now
+        if d.task is not None:
+            self.prefetched.pop(d, None)
+            d.sent_at = now
+            d.sent_drops = d.drops
+        d.grace_job = None
+        if d.retiring:
+            if d.task is None:
+                self.gone(d, "retired")
+        else:
+            self._make_idle(d, now)
+
+    def ping(
+        self,
+        d: Daemon,
+        current: int | None,
+        done: int | None,
+        drops: int,
+        done_drops: int,
+        now: float,
+    ) -> None:
+        """A remote daemon's ping: catch a task or a result lost in a connection drop
+        (ZeroMQ reconnects do not resend): it says what it runs and last answered."""
+        d.disconnected_at = None
+        d.drops = drops
+        job = d.task
+        if job is None or current == job.id or d.sent_at > now - LOST_AFTER:
+            return
+        if done == job.id:
+            if drops == done_drops:
+                return  # no disconnect since the reply was sent: it is in flight
+        elif drops == d.sent_drops:
+            return  # no disconnect since we sent it: it is on its way
+        d.task = None
+        job.daemon = None
+        if done == job.id:  # it ran, but its reply was lost
+            if not job.done:
+                if job.retries > 0:
+                    job.retries -= 1
+                    self.counters["retried"] += 1
+                    self._requeue(job)
+                else:
+                    self._resolve(
+                        job,
+                        ERROR,
+                        DaemonError(
+                            f"the result of mirai {job.id} was lost in a connection drop "
+                            f"with daemon pid {d.pid} on {d.host}"
+                        ),
+                    )
+        elif not job.done:  # the task message never arrived: it never ran
+            log.warning("asyncmirai: mirai %s was lost on the way to pid %s: resent", job.id, d.pid)
+            self._requeue(job)
+        self._make_idle(d, now)
+        self._pump(now)
+
+    def retire(self, d: Daemon, reason: str) -> None:
+        """``d`` retires (maxtasks, idletime, walltime): tasks already sent to it come back
+        revoked, and it is told to exit after them."""
+        d.disconnected_at = None
+        d.retiring = True
+        self.idle.pop(d, None)
+        # On the task channel, after any task already sent: ordered, so none is dropped.
+        self.out.append((EXIT, d, "retired", TASK_CHANNEL))
+        if d.task is None:
+            self.gone(d, f"retired ({reason})")
+
+    def seen(self, d: Daemon) -> None:
+        """Any sign of life from ``d`` (it reconnected)."""
+        d.disconnected_at = None
+
+    def disconnected(self, d: Daemon, now: float) -> None:
+        """A channel of remote daemon ``d`` lost its connection; it is lost unless it
+        reconnects within :data:`RECONNECT_GRACE`."""
+        if d.alive and d.disconnected_at is None:
+            d.disconnected_at = now
+            self._at(now + RECONNECT_GRACE, _DISCONNECT, d)
+
+    def send_failed(self, d: Daemon, job: Job | None, now: float = 0.0) -> None:
+        """A SEND to ``d`` could not be delivered: ``job`` never ran; ``d`` is gone."""
+        if job is not None and job.daemon is d:
+            if d.task is job:
+                d.task, d.next = d.next, None
+            elif d.next is job:
+                d.next = None
+            if d.next is None:
+                self.prefetched.pop(d, None)
+            self._requeue(job)
+        self.gone(d, "a send to it failed")
+        if d.local:
+            self.out.append((KILL, d))
+
+    # -- daemon loss and local processes --------------------------------------------
+    def gone(self, d: Daemon, reason: str, now: float = 0.0) -> None:
+        """Forget ``d``: its running task fails with DaemonError (or is requeued under
+        ``_retries``), a prefetched one goes back to the head of the queue, a setup it
+        was running fails its ``everywhere()`` handle."""
+        if not d.alive:
+            return
+        d.alive = False
+        self.daemons.pop(d.token, None)
+        self.idle.pop(d, None)
+        self.prefetched.pop(d, None)
+        d.grace_job = None
+        where = f"daemon pid {d.pid} on {d.host}" if d.pid else "a daemon"
+        culprit = d.replay[0] if d.replay else None
+        for item in self.setups:
+            if d in item.waiting:
+                item.waiting.discard(d)
+                if item is culprit and item.error is None:
+                    item.error = DaemonError(f"{where} was lost running {item.label}: {reason}")
+                self._maybe_resolve_setup(item)
+        nxt, d.next = d.next, None
+        if nxt is not None:  # prefetched, never started
+            self._requeue(nxt)
+        job, d.task = d.task, None
+        if job is not None:
+            job.daemon = None
+            if not job.done:
+                if job.retries > 0 and not self.closed:
+                    job.retries -= 1
+                    self.counters["retried"] += 1
+                    self._requeue(job)
+                else:
+                    self._resolve(
+                        job,
+                        ERROR,
+                        DaemonError(f"{where} was lost running mirai {job.id}: {reason}"),
+                    )
+        if not self.closed:
+            self._pump(now)
+            self._check_broken()
+
+    def spawned(self, pid: int) -> None:
+        """A SPAWN produced process ``pid``."""
+        self.spawning = max(0, self.spawning - 1)
+        self.procs[pid] = None
+        self.backoff = RESPAWN_BACKOFF[0]
+
+    def spawn_failed(self, error: BaseException, now: float) -> None:
+        """A SPAWN failed (EMFILE, ENOMEM ...): retried with exponential backoff."""
+        self.spawning = max(0, self.spawning - 1)
+        log.warning(
+            "asyncmirai: could not start a local daemon (%s): retrying in %.1f s",
+            error,
+            self.backoff,
+        )
+        if self.respawn_at is None:
+            self.respawn_at = now + self.backoff
+            self._at(self.respawn_at, _RESPAWN, None)
+        self.backoff = min(self.backoff * 2, RESPAWN_BACKOFF[1])
+
+    def process_exited(
+        self, pid: int, returncode: int | None, reason: str, now: float = 0.0
+    ) -> None:
+        """Local process ``pid`` exited (``returncode`` as ``Popen`` gives it)."""
+        if pid not in self.procs:
+            return
+        d = self.procs.pop(pid)
+        retired = d is not None and d.retiring
+        started = d is not None and d.ready
+        if d is not None:
+            self.gone(d, reason, now)
+        if self.closed:
+            return
+        if not started and not retired and returncode not in _OUTSIDE_KILLS:
+            # It died on its own before it was healthy: a start-up failure.
+            self.early_failures += 1
+            if self.early_failures >= BREAKER_TRIPS_AT:
+                culprit = None
+                if d is not None and d.replay:
+                    culprit = d.replay[0]
+                what = f"while replaying {culprit.label}" if culprit else "before they connect"
+                self._trip(f"local daemons keep dying {what} ({reason})", culprit)
+                return
+        if self.broken is None:
+            self.counters["respawned"] += 1
+            self._top_up()
+
+    def _top_up(self) -> None:
+        """Spawn local daemons until the profile has ``local_target`` of them."""
+        if self.closed or self.broken is not None or self.respawn_at is not None:
+            return
+        k = self.local_target - len(self.procs) - self.spawning
+        if k > 0:
+            self.spawning += k
+            self.out.append((SPAWN, k))
+
+    def add_local(self, k: int) -> None:
+        """The user asked for ``k`` more local daemons (``launch_local``)."""
+        self.local_target += k
+        if self.broken is not None:
+            self.broken = None
+            self.early_failures = 0
+        self._top_up()
+
+    def _trip(self, message: str, culprit: Setup | None) -> None:
+        self.broken = message
+        log.error("asyncmirai: %s; not respawning (a daemon that connects heals this)", message)
+        err = DaemonError(message)
+        if culprit is not None and culprit.handle is not None:
+            culprit.error = culprit.error or err
+            culprit.need_more = 0
+            culprit.waiting.clear()
+            self._maybe_resolve_setup(culprit)
+        for item in self.setups:  # those waiting for daemons that will never come
+            if item.handle is not None and item.need_more > 0:
+                item.need_more = 0
+                item.error = item.error or err
+                self._maybe_resolve_setup(item)
+        self._check_broken()
+
+    def _check_broken(self) -> None:
+        """Under a tripped breaker, queued tasks fail once no healthy daemon serves."""
+        if self.broken is None or self._serving():
+            return
+        err = self.broken
+        while self.queued:
+            job = self._pop()
+            if job is None:
+                break
+            self._resolve(job, ERROR, DaemonError(err))
+
+    # -- introspection and reset ---------------------------------------------------
+    def job_state(self, job: Job) -> str:
+        """``"queued"``, ``"running"`` or ``"done"``."""
+        if job.done:
+            return "done"
+        d = job.daemon
+        return "running" if d is not None and d.task is job else "queued"
+
+    def status(self) -> dict[str, Any]:
+        live = [d for d in self.daemons.values() if d.ident is not None and d.alive]
+        return {
+            "connections": len(live),
+            "awaiting": self.queued
+            + sum(1 for d in self.prefetched if d.next is not None and not d.next.done),
+            "executing": sum(1 for d in live if d.task is not None),
+            "completed": self.counters["completed"],
+            "daemons": [d.row() for d in live],
+        }
+
+    def close(self, reason: str = "daemons were reset") -> None:
+        """Fail every unresolved task with DaemonError and tell daemons to exit."""
+        if self.closed:
+            return
+        self.closed = True
+        err = f"{reason} before the task resolved"
+        while self.queued:
+            job = self._pop()
+            if job is None:
+                break
+            self._resolve(job, ERROR, DaemonError(err))
+        for d in list(self.daemons.values()):
+            for job in (d.task, d.next):
+                if job is not None and not job.done:
+                    self._resolve(job, ERROR, DaemonError(err))
+            self.out.append((EXIT, d, reason, BOTH_CHANNELS))
+            d.alive = False
+        self.daemons.clear()
+        self.idle.clear()
+        self.prefetched.clear()
+        for item in self.setups:
+            if item.handle is not None:
+                handle, item.handle = item.handle, None
+                self.out.append((RESOLVE, handle, ERROR, DaemonError(err)))
+        self._heap.clear()
