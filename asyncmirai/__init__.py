@@ -28,14 +28,18 @@ _EXPORTS = {
     "launch_local": "_api",
     "launch_remote": "_api",
     "local_url": "_api",
+    "info": "_api",
     "mirai": "_api",
     "status": "_api",
+    "submit": "_api",
+    "try_mirai": "_api",
     "SerialConfig": "_codecs",
     "serial_config": "_codecs",
     "DaemonError": "_errors",
     "MiraiCancelled": "_errors",
     "MiraiError": "_errors",
     "MiraiTimeout": "_errors",
+    "QueueFull": "_errors",
     "SerializationError": "_errors",
     "Mirai": "_handle",
     "MiraiMap": "_map",
@@ -59,6 +63,7 @@ __all__ = [
     "MiraiExecutor",
     "MiraiMap",
     "MiraiTimeout",
+    "QueueFull",
     "SerialConfig",
     "SerializationError",
     "Status",
@@ -70,6 +75,7 @@ __all__ = [
     "everywhere",
     "executor",
     "host_url",
+    "info",
     "launch_local",
     "launch_remote",
     "local_url",
@@ -79,6 +85,8 @@ __all__ = [
     "serial_config",
     "ssh_config",
     "status",
+    "submit",
+    "try_mirai",
 ]
 
 if TYPE_CHECKING:
@@ -90,11 +98,14 @@ if TYPE_CHECKING:
         daemons_set,
         everywhere,
         host_url,
+        info,
         launch_local,
         launch_remote,
         local_url,
         mirai,
         status,
+        submit,
+        try_mirai,
     )
     from ._codecs import SerialConfig, serial_config
     from ._errors import (
@@ -102,6 +113,7 @@ if TYPE_CHECKING:
         MiraiCancelled,
         MiraiError,
         MiraiTimeout,
+        QueueFull,
         SerializationError,
     )
     from ._executor import MiraiExecutor, executor

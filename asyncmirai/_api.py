@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
 from . import _codecs, _protocol
+from ._budget import parse_size
 from ._call import CALL, CODE, apply_seed, error_record, eval_code
-from ._errors import MiraiError, SerializationError
+from ._errors import MiraiError, QueueFull, SerializationError
 from ._handle import CANCELLED, ERROR, VALUE, Mirai
 from ._profile import _REGISTRY_LOCK, Profile, profiles
 from ._scheduler import Job, Setup
@@ -123,6 +124,8 @@ def daemons(  # type: ignore[overload-overlap]
     curve: bool | None = None,
     keys: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
     transport: str = "pipe",
+    memory: int | str | None = None,
+    concurrency: int = 1,
 ) -> int: ...
 
 
@@ -147,6 +150,8 @@ def daemons(
     curve: bool | None = None,
     keys: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
     transport: str = "pipe",
+    memory: int | str | None = None,
+    concurrency: int = 1,
 ) -> Daemons: ...
 
 
@@ -170,6 +175,8 @@ def daemons(
     curve: bool | None = None,
     keys: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
     transport: str = "pipe",
+    memory: int | str | None = None,
+    concurrency: int = 1,
 ) -> Daemons | int:
     """Start daemons for a compute profile, or reset it with ``daemons(0)``.
 
@@ -204,6 +211,14 @@ def daemons(
         transport: how local daemons talk to the dispatcher: ``"pipe"`` (a socketpair
             each, the fastest on one machine) or ``"zmq"`` (they dial the profile's URL
             like remote daemons).  Remote daemons always use ZeroMQ.
+        memory: a budget for the payload bytes of tasks waiting in the queue: an int of
+            bytes or a string such as ``"512MB"`` or ``"2GiB"``; ``None`` (the default)
+            is unbounded.  When it is full, :func:`mirai` blocks on a plain thread and
+            raises :class:`QueueFull` on an event loop; see :func:`submit` and
+            :func:`try_mirai`.  A task larger than the budget is admitted when the queue
+            is empty.
+        concurrency: ``async def`` tasks each daemon runs at once on its event loop
+            (plain functions run one at a time in its main thread and take a slot).
 
     Raises:
         ValueError: bad arguments.
@@ -222,6 +237,9 @@ def daemons(
     for name, v in (("maxtasks", maxtasks), ("idletime", idletime), ("walltime", walltime)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v <= 0):
             raise ValueError(f"{name} must be a positive number, got {v!r}")
+    capacity = parse_size(memory)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be a positive int, got {concurrency!r}")
     if transport not in ("pipe", "zmq"):
         raise ValueError(f"transport must be 'pipe' or 'zmq', got {transport!r}")
     if url is not None and not url.startswith(("tcp://", "ipc://")):
@@ -259,6 +277,8 @@ def daemons(
         sync=sync,
         transport=transport,
         curve_keys=curve_keys,
+        memory=capacity,
+        concurrency=concurrency,
     )
     with _REGISTRY_LOCK:
         profiles[compute] = prof
@@ -307,6 +327,7 @@ class DaemonInfo:
     tasks_done: int
     connected_at: float
     local: bool
+    tasks: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -320,6 +341,8 @@ class Status:
         executing: tasks running on daemons.
         completed: tasks that returned a value or an error since the profile started.
         daemons: one :class:`DaemonInfo` per connected daemon.
+        memory: the memory budget: ``{"queued", "peak", "capacity"}`` in bytes
+            (``capacity`` is None when unbounded).
     """
 
     connections: int
@@ -328,6 +351,7 @@ class Status:
     executing: int
     completed: int
     daemons: list[DaemonInfo] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -452,6 +476,59 @@ def _culprit(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], table: Any)
     return "the call"
 
 
+def _prepare(
+    prof: Profile,
+    fn: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    timeout: float | None,
+    retries: int,
+    what: str = "mirai",
+) -> tuple[Job | None, Mirai[Any]]:
+    """Validate and encode one call: its job (None in sync mode, already run) and handle."""
+    if isinstance(fn, str):
+        if args:
+            raise TypeError(f"{what}(code_string, ...) takes named objects only (x=1, ...)")
+        kind: int = CODE
+    elif callable(fn):
+        kind = CALL
+    else:
+        raise TypeError(f"{what}() takes a callable or a code string, not {type(fn).__name__}")
+    if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+        raise ValueError(f"_timeout must be a positive number of seconds, got {timeout!r}")
+    if not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"_retries must be a non-negative int, got {retries!r}")
+    tid = next(_task_ids)
+    if prof.sync:
+        return None, _run_sync(prof, tid, kind, fn, args, kwargs)
+    index = next(prof.task_index)
+    body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table)
+    extra = None if prof.seed is None else {"seed": _derive_seed(prof.seed, index)}
+    frames = _protocol.encode_task(tid, body, desc, bufs, extra)
+    nbytes = sum(map(_nbytes, frames)) if prof.budget is not None else 0
+    job = Job(tid, None, frames, retries, timeout, nbytes)
+    m: Mirai[Any] = Mirai(tid, prof, job)
+    job.handle = m
+    return job, m
+
+
+def _nbytes(frame: Any) -> int:
+    return frame.nbytes if isinstance(frame, memoryview) else len(frame)
+
+
+def _on_event_loop() -> bool:
+    """Does this thread run an event loop (asyncio or trio), so it must never block?"""
+    if asyncio.events._get_running_loop() is not None:
+        return True
+    import sniffio
+
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+    return True
+
+
 def mirai(
     fn: Callable[..., T] | str,
     /,
@@ -468,6 +545,10 @@ def mirai(
     Python code (statements allowed), evaluated in a fresh namespace holding ``kwargs``;
     the value is that of its last expression: ``mirai("x + y", x=1, y=2)``.
 
+    Under a memory budget (``daemons(memory=...)``) that is full, it blocks until there
+    is room on a plain thread, and raises :class:`QueueFull` on a thread that runs an
+    event loop (use ``await am.submit(...)`` or ``am.try_mirai(...)`` there).
+
     Args:
         _timeout: seconds; then the handle raises :class:`MiraiTimeout` and the work is
             cancelled on the daemon.
@@ -477,33 +558,78 @@ def mirai(
     Raises:
         SerializationError: (a TypeError and pickle.PicklingError) the function or an
             argument cannot be serialized; nothing was sent.
+        QueueFull: the memory budget is full and this thread runs an event loop.
         RuntimeError: no daemons are set for the profile.
     """
     prof = _profile(_compute)
-    if isinstance(fn, str):
-        if args:
-            raise TypeError("mirai(code_string, ...) takes named objects only (x=1, ...)")
-        kind: int = CODE
-    elif callable(fn):
-        kind = CALL
-    else:
-        raise TypeError(f"mirai() takes a callable or a code string, not {type(fn).__name__}")
-    if _timeout is not None and (isinstance(_timeout, bool) or not _timeout > 0):
-        raise ValueError(f"_timeout must be a positive number of seconds, got {_timeout!r}")
-    if not isinstance(_retries, int) or _retries < 0:
-        raise ValueError(f"_retries must be a non-negative int, got {_retries!r}")
-    tid = next(_task_ids)
-    if prof.sync:
-        return _run_sync(prof, tid, kind, fn, args, kwargs)
-    index = next(prof.task_index)
-    body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table)
-    extra = None if prof.seed is None else {"seed": _derive_seed(prof.seed, index)}
-    frames = _protocol.encode_task(tid, body, desc, bufs, extra)
-    job = Job(tid, None, frames, _retries, _timeout)
-    m: Mirai[T] = Mirai(tid, prof, job)
-    job.handle = m
-    prof.submit(job)
+    job, m = _prepare(prof, fn, args, kwargs, _timeout, _retries)
+    if job is not None:
+        budget = prof.budget
+        if budget is not None and not budget.try_take(job.nbytes):
+            if _on_event_loop():
+                raise QueueFull(
+                    f"the memory budget of compute profile {prof.compute!r} is full "
+                    f"({budget.queued:,} of {budget.capacity:,} bytes queued): on an event "
+                    "loop use `await am.submit(...)` to wait for room, or "
+                    "`am.try_mirai(...)` to get None instead of an error"
+                )
+            budget.take(job.nbytes)
+        prof.submit(job)
     return m
+
+
+async def submit(
+    fn: Callable[..., T] | str,
+    /,
+    *args: Any,
+    _timeout: float | None = None,
+    _compute: str | None = None,
+    _retries: int = 0,
+    **kwargs: Any,
+) -> Mirai[T]:
+    """Like :func:`mirai`, but wait asynchronously for room in the memory budget.
+
+    Returns the handle once the task is queued.  Cancelling this wait submits nothing.
+    Works under asyncio and trio.
+    """
+    prof = _profile(_compute)
+    job, m = _prepare(prof, fn, args, kwargs, _timeout, _retries, "submit")
+    if job is not None:
+        if prof.budget is not None:
+            await prof.budget.take_async(job.nbytes)
+        prof.submit(job)
+    return m
+
+
+def try_mirai(
+    fn: Callable[..., T] | str,
+    /,
+    *args: Any,
+    _timeout: float | None = None,
+    _compute: str | None = None,
+    _retries: int = 0,
+    **kwargs: Any,
+) -> Mirai[T] | None:
+    """Like :func:`mirai`, but return None at once (submitting nothing) when the memory
+    budget is full."""
+    prof = _profile(_compute)
+    job, m = _prepare(prof, fn, args, kwargs, _timeout, _retries, "try_mirai")
+    if job is not None:
+        if prof.budget is not None and not prof.budget.try_take(job.nbytes):
+            return None
+        prof.submit(job)
+    return m
+
+
+def info(compute: str = "default") -> dict[str, int]:
+    """Cumulative counters of the profile since :func:`daemons` started it: ``submitted``,
+    ``completed``, ``failed``, ``cancelled``, ``retried``, ``timed_out``, ``respawned``
+    (as R mirai's ``info()``).
+
+    Raises:
+        RuntimeError: no daemons are set for that profile.
+    """
+    return _profile(compute).info()
 
 
 def _run_sync(

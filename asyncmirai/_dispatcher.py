@@ -88,6 +88,8 @@ class Dispatcher:
         cancel_grace: float = 2.0,
         liveness: float = 30.0,
         curve_secret: bytes | None = None,
+        concurrency: int = 1,
+        budget: Any = None,
         spawn: Callable[[int], None] | None = None,
         kill: Callable[[Daemon], None] | None = None,
         on_output: Callable[[Daemon, Output], None] | None = None,
@@ -102,6 +104,8 @@ class Dispatcher:
             local_target=local_target,
             hostname=hostname,
             cancel_grace=cancel_grace,
+            concurrency=concurrency,
+            budget=budget,
             wall=time.time,
         )
         sock = ctx.socket(zmq.ROUTER)
@@ -234,8 +238,20 @@ class Dispatcher:
             elif op == KILL:
                 self.kill(act[1])
             elif op == SPAWN:
-                self.spawn(act[1])
+                self._spawn(act[1])
         self._arm()
+
+    def _spawn(self, k: int) -> None:
+        """Perform a SPAWN; a spawner that raises (EMFILE from a socketpair, say) before
+        it reported each of the ``k`` daemons has those reported failed, so the scheduler
+        retries them with backoff instead of counting them as starting forever."""
+        before = self.sched.spawning
+        try:
+            self.spawn(k)
+        except OSError as exc:
+            now = _monotonic()
+            for _ in range(k - (before - self.sched.spawning)):
+                self.sched.spawn_failed(exc, now)
 
     def _arm(self) -> None:
         """One timer, at the scheduler's next deadline."""
@@ -430,8 +446,8 @@ class Dispatcher:
         """Decode a result (skipped for one nobody waits for).  Under BaseException: a
         hostile or broken result (``__reduce__`` = ``sys.exit``) becomes the task's error
         and never reaches the loop."""
-        job = d.task
-        if (job is None or job.id != msg.id or job.done) and msg.id not in self.sched.setup_ids:
+        job = d.running.get(msg.id)
+        if (job is None or job.done) and msg.id not in self.sched.setup_ids:
             return VALUE, None  # a late reply: dropped by the scheduler
         try:
             if msg.ok:

@@ -12,6 +12,7 @@ __all__ = [
     "MiraiError",
     "MiraiTimeout",
     "ProtocolError",
+    "QueueFull",
     "RemoteProtocolError",
     "SerializationError",
     "error_from_record",
@@ -89,3 +90,9 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """A peer sent frames that do not decode (the peer's fault): dropped and logged."""
+
+
+class QueueFull(Exception):
+    """The profile's memory budget is full and ``mirai()`` was called on a thread that
+    runs an event loop (where it must not block): use ``await am.submit(...)`` or
+    ``am.try_mirai(...)``."""

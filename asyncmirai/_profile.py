@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 from . import _codecs
+from ._budget import Budget
 from ._dispatcher import _CANCEL, _EVERYWHERE, _SUBMIT, Dispatcher
 from ._handle import CANCELLED, Mirai
 from ._loop import LoopOwner
@@ -62,6 +63,8 @@ class Profile:
         sync: bool = False,
         transport: str = "pipe",
         curve_keys: tuple[tuple[bytes, bytes], tuple[bytes, bytes]] | None = None,
+        memory: int | None = None,
+        concurrency: int = 1,
     ) -> None:
         self.curve_keys = curve_keys
         self.compute = compute
@@ -76,7 +79,14 @@ class Profile:
         self.codecs = _codecs.TableRef(
             _codecs.CodecTable(self.serial) if self.serial else _codecs.DEFAULT_TABLE
         )
-        self.options = {"maxtasks": maxtasks, "idletime": idletime, "walltime": walltime}
+        self.options = {
+            "maxtasks": maxtasks,
+            "idletime": idletime,
+            "walltime": walltime,
+            "concurrency": concurrency,
+        }
+        self.concurrency = concurrency
+        self.budget = Budget(memory) if memory is not None else None
         self.task_index = itertools.count()
         self.sync_completed = 0
         self.launchers: list[Any] = []  # handles of remote launches, terminated on reset
@@ -148,6 +158,8 @@ class Profile:
             cancel_grace=self.cancel_grace,
             liveness=self.liveness,
             curve_secret=curve_secret,
+            concurrency=self.concurrency,
+            budget=self.budget,
             spawn=sup.spawn,
             kill=sup.kill,
             on_output=self._on_output,
@@ -258,6 +270,10 @@ class Profile:
 
     def status(self) -> dict[str, Any]:
         """A snapshot of the dispatcher's counters (thread-safe)."""
+        if self.budget is not None:
+            memory = self.budget.snapshot()
+        else:
+            memory = {"queued": 0, "peak": 0, "capacity": None}
         if self.sync:
             return {
                 "connections": 0,
@@ -266,9 +282,26 @@ class Profile:
                 "executing": 0,
                 "completed": self.sync_completed,
                 "daemons": [],
+                "memory": memory,
             }
         assert self.dispatcher is not None
-        return self.owner.on_loop(self.dispatcher.status)
+        return {**self.owner.on_loop(self.dispatcher.status), "memory": memory}
+
+    def info(self) -> dict[str, int]:
+        """Cumulative counters since the profile started (thread-safe)."""
+        if self.sync:
+            n = self.sync_completed
+            return {
+                "submitted": n,
+                "completed": n,
+                "failed": 0,
+                "cancelled": 0,
+                "retried": 0,
+                "timed_out": 0,
+                "respawned": 0,
+            }
+        assert self.dispatcher is not None
+        return self.owner.on_loop(lambda: dict(self.dispatcher.sched.counters))  # type: ignore[union-attr]
 
     def add_serial(self, configs: Sequence[_codecs.SerialConfig]) -> None:
         """Register more codecs, for the arguments encoded here and the results decoded

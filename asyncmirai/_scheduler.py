@@ -92,6 +92,7 @@ class Job:
         "done",
         "inq",
         "revoking",
+        "nbytes",
     )
 
     def __init__(
@@ -101,9 +102,11 @@ class Job:
         frames: Any,
         retries: int = 0,
         timeout: float | None = None,
+        nbytes: int = 0,
     ) -> None:
         self.id = id
         self.handle = handle
+        self.nbytes = nbytes  # payload bytes, counted in the memory budget while queued
         self.frames = frames  # released once the job is done
         self.retries = retries
         self.timeout = timeout
@@ -149,7 +152,8 @@ class Daemon:
         "launch",
         "local",
         "reliable",
-        "task",
+        "slots",
+        "running",
         "next",
         "replay",
         "ready",
@@ -160,7 +164,6 @@ class Daemon:
         "sent_at",
         "drops",
         "sent_drops",
-        "grace_job",
         "disconnected_at",
         "__weakref__",
     )
@@ -174,8 +177,9 @@ class Daemon:
         self.launch = ""
         self.local = False  # a process this host started (the supervisor watches it)
         self.reliable = False  # an ordered, lossless channel: prefetch allowed
-        self.task: Job | None = None  # the task it runs (or was last sent)
-        self.next: Job | None = None  # prefetched behind ``task``
+        self.slots = 1  # tasks it may run at once (``daemons(concurrency=)``)
+        self.running: dict[int, Job] = {}  # sent to run, by id (at most ``slots``)
+        self.next: Job | None = None  # prefetched behind a full ``running``
         self.replay: deque[Setup] = deque()  # setups sent to it and not yet answered
         self.ready = False  # connected and its setups replayed: healthy
         self.retiring = False
@@ -184,8 +188,7 @@ class Daemon:
         self.connected_at = 0.0
         self.sent_at = 0.0
         self.drops = 0  # disconnects of its task channel it reported (pings)
-        self.sent_drops = 0  # ``drops`` when ``task`` was sent
-        self.grace_job: Job | None = None  # cancelled task it must stop in time
+        self.sent_drops = 0  # ``drops`` when its (single) task was sent
         self.disconnected_at: float | None = None
 
     def __repr__(self) -> str:
@@ -196,7 +199,8 @@ class Daemon:
             "pid": self.pid,
             "host": self.host,
             "launch": self.launch,
-            "busy": self.task is not None,
+            "busy": bool(self.running),
+            "tasks": list(self.running),
             "tasks_done": self.done,
             "connected_at": self.connected_at,
             "local": self.local,
@@ -214,6 +218,11 @@ class Scheduler:
             killed.
         prefetch: send one more task to a busy daemon under a backlog (reliable
             channels only).
+        concurrency: tasks each daemon may run at once (its coroutine slots).
+        budget: the memory budget of queued payloads: an object with ``give(n)`` (bytes
+            left the queue) and ``force(n)`` (bytes came back to it: a retry or a revoke,
+            never refused).  It is thread-safe and owned by the profile, which takes
+            bytes from it before ``submit``; None: unbounded.
         wall: a wall clock for ``connected_at`` in status rows (the only clock read
             here, and only for display).
     """
@@ -225,6 +234,8 @@ class Scheduler:
         hostname: str = "",
         cancel_grace: float = 2.0,
         prefetch: bool = True,
+        concurrency: int = 1,
+        budget: Any = None,
         wall: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.out: deque[tuple[Any, ...]] = deque()
@@ -240,6 +251,8 @@ class Scheduler:
         self.hostname = hostname
         self.cancel_grace = cancel_grace
         self.prefetch = prefetch
+        self.concurrency = concurrency
+        self.budget = budget
         self.wall = wall
         self.spawning = 0  # SPAWNs emitted and not yet answered by spawned/spawn_failed
         self.respawn_at: float | None = None
@@ -271,7 +284,7 @@ class Scheduler:
         if kind == _TIMEOUT:
             return not a.done
         if kind == _GRACE:
-            return a.alive and a.grace_job is b and a.task is b
+            return a.alive and a.running.get(b.id) is b
         if kind == _DISCONNECT:
             return a.alive and a.disconnected_at is not None
         return self.respawn_at == entry[0] and not self.closed
@@ -303,11 +316,16 @@ class Scheduler:
 
     # -- submission ----------------------------------------------------------------
     def submit(self, job: Job, now: float = 0.0) -> None:
-        """A new task: send it to an idle daemon, or queue it (FIFO)."""
+        """A new task: send it to a daemon with a free slot, or queue it (FIFO).
+
+        With a budget, ``job.nbytes`` were taken from it by the caller: they are given
+        back when the job leaves the queue (or at once if it never enters it)."""
         self.counters["submitted"] += 1
         if job.done:  # cancelled before it reached us
+            self._give(job)
             return
         if self.closed:
+            self._give(job)
             self._resolve(
                 job, ERROR, DaemonError("daemons were reset before the task was dispatched")
             )
@@ -315,20 +333,28 @@ class Scheduler:
         if job.timeout is not None:
             self._at(now + job.timeout, _TIMEOUT, job)
         if self.broken is not None and not self._serving():
+            self._give(job)
             self._resolve(job, ERROR, DaemonError(self.broken))
             return
         idle = self.idle
         if idle and not self.queued:
+            self._give(job)
             d, _ = idle.popitem()
             self._send(d, job, now)
+            if len(d.running) < d.slots:
+                idle[d] = None
         else:
             self.queue.append(job)
             job.inq = True
             self.queued += 1
 
+    def _give(self, job: Job) -> None:
+        if self.budget is not None and job.nbytes:
+            self.budget.give(job.nbytes)
+
     def _send(self, d: Daemon, job: Job, now: float) -> None:
-        if d.task is None:
-            d.task = job
+        if len(d.running) < d.slots:
+            d.running[job.id] = job
             d.sent_at = now
             d.sent_drops = d.drops
         else:
@@ -344,6 +370,8 @@ class Scheduler:
             if job.inq:
                 job.inq = False
                 self.queued -= 1
+                if self.budget is not None and job.nbytes:
+                    self.budget.give(job.nbytes)
                 return job
         return None
 
@@ -359,13 +387,15 @@ class Scheduler:
         self.queue.appendleft(job)
         job.inq = True
         self.queued += 1
+        if self.budget is not None and job.nbytes:
+            self.budget.force(job.nbytes)  # admitted work is never refused
 
     def _serving(self) -> bool:
         """Is some daemon connected and healthy (so queued work will be served)?"""
         return any(d.ready and not d.retiring for d in self.daemons.values())
 
     def _pump(self, now: float) -> None:
-        """Hand queued tasks to idle daemons."""
+        """Hand queued tasks to daemons with free slots."""
         idle = self.idle
         while self.queued and idle:
             job = self._pop()
@@ -373,20 +403,24 @@ class Scheduler:
                 break
             d, _ = idle.popitem()
             self._send(d, job, now)
+            if len(d.running) < d.slots:
+                idle[d] = None
 
     def _make_idle(self, d: Daemon, now: float) -> None:
-        """Give ``d`` work if it can take some: a task if it has none and, under a
-        backlog, one more to start as soon as it finishes (prefetch: the daemon never
+        """Give ``d`` work if it can take some: tasks for its free slots and, under a
+        backlog, one more to start as soon as a slot frees (prefetch: the daemon never
         waits for our round trip)."""
         if not d.alive or d.retiring or d.replay:
             return
-        if d.task is None:
+        while len(d.running) < d.slots:
             job = self._pop()
             if job is None:
                 self.idle[d] = None
-                self._revoke_for(now)
+                if not d.running:
+                    self._revoke_for(now)
                 return
             self._send(d, job, now)
+        self.idle.pop(d, None)
         if (
             self.prefetch
             and d.reliable
@@ -427,13 +461,13 @@ class Scheduler:
         if job.inq:  # still in the queue: skipped when popped
             job.inq = False
             self.queued -= 1
+            self._give(job)
             return
         d = job.daemon
         if d is None or not d.alive:
             return
-        if d.task is job:
+        if d.running.get(job.id) is job:
             self.out.append((CANCEL, d, job.id, False))
-            d.grace_job = job
             self._at(now + self.cancel_grace, _GRACE, d, job)
         elif d.next is job:  # prefetched: the daemon skips it, never runs it
             self.out.append((CANCEL, d, job.id, False))
@@ -445,7 +479,6 @@ class Scheduler:
             job.id,
             self.cancel_grace,
         )
-        d.grace_job = None
         self.out.append((KILL, d))
         self.out.append((EXIT, d, "cancel overdue", CTRL_CHANNEL))
         if not d.local:  # a local one is forgotten when its process exits
@@ -512,14 +545,15 @@ class Scheduler:
             self.daemons[token] = d
         if role == "ctrl":
             d.ctrl_ident = ident
-            job = d.task
-            if job is not None and job.done:  # cancelled before we could reach it
-                self.out.append((CANCEL, d, job.id, False))
+            for job in d.running.values():  # cancelled before we could reach it
+                if job.done:
+                    self.out.append((CANCEL, d, job.id, False))
             return d
         if d.ident is not None:  # a duplicate hello on the task channel: ignore
             return d
         d.ident = ident
         d.reliable = reliable
+        d.slots = self.concurrency
         d.connected_at = self.wall()
         if pid in self.procs and host == self.hostname and self.procs[pid] is None:
             d.local = True
@@ -548,13 +582,13 @@ class Scheduler:
     def result(self, d: Daemon, tid: int, state: int, value: Any, now: float = 0.0) -> None:
         """``d`` answered task or setup ``tid`` with a value (``VALUE``) or an error."""
         d.disconnected_at = None
-        job = d.task
-        if job is not None and job.id == tid:
+        job = d.running.get(tid)
+        if job is not None:
             if not job.done:
                 self.counters["completed"] += 1
                 self._resolve(job, state, value)
             d.done += 1
-            self._finished(d, now)
+            self._finished(d, job, now)
             return
         item = self.setup_ids.get(tid)
         if item is not None and d.replay and d.replay[0] is item:
@@ -580,45 +614,45 @@ class Scheduler:
         """``d`` acknowledged a cancel (the task stopped) or a revoke (never started)."""
         d.disconnected_at = None
         if not revoked:
-            job = d.task
-            if job is not None and job.id == tid:
-                self._finished(d, now)
+            job = d.running.get(tid)
+            if job is not None:
+                self._finished(d, job, now)
             return
         if d.next is not None and d.next.id == tid:
             job = d.next
             d.next = None
             self.prefetched.pop(d, None)
-        elif d.task is not None and d.task.id == tid:
+        elif tid in d.running:
             # The acknowledgement may overtake the result of the task before it.
-            job = d.task
-            d.task, d.next = d.next, None
-            self.prefetched.pop(d, None)
-            d.grace_job = None
-            if d.task is not None:
-                d.sent_at = now
+            job = d.running.pop(tid)
+            self._promote(d, now)
         else:
             return
         self._requeue(job)
         self._pump(now)  # to the idle daemon that asked for it, if any
         if d.retiring:
-            if d.task is None:
+            if not d.running:
                 self.gone(d, "retired")
-        elif d.task is None:
+        else:
             self._make_idle(d, now)
 
-    def _finished(self, d: Daemon, now: float) -> None:
-        job = d.task
-        assert job is not None
-        job.daemon = None
-        job.frames = None
-        d.task, d.next = d.next, None  # a prefetched task starts now
-        if d.task is not None:
+    def _promote(self, d: Daemon, now: float) -> None:
+        """A slot freed: the prefetched task (if any) runs now."""
+        nxt = d.next
+        if nxt is not None and len(d.running) < d.slots:
+            d.next = None
             self.prefetched.pop(d, None)
+            d.running[nxt.id] = nxt
             d.sent_at = now
             d.sent_drops = d.drops
-        d.grace_job = None
+
+    def _finished(self, d: Daemon, job: Job, now: float) -> None:
+        del d.running[job.id]
+        job.daemon = None
+        job.frames = None
+        self._promote(d, now)
         if d.retiring:
-            if d.task is None:
+            if not d.running:
                 self.gone(d, "retired")
         else:
             self._make_idle(d, now)
@@ -636,15 +670,17 @@ class Scheduler:
         (ZeroMQ reconnects do not resend): it says what it runs and last answered."""
         d.disconnected_at = None
         d.drops = drops
-        job = d.task
-        if job is None or current == job.id or d.sent_at > now - LOST_AFTER:
+        if d.slots != 1 or len(d.running) != 1:  # pings name one task: single-slot only
+            return
+        job = next(iter(d.running.values()))
+        if current == job.id or d.sent_at > now - LOST_AFTER:
             return
         if done == job.id:
             if drops == done_drops:
                 return  # no disconnect since the reply was sent: it is in flight
         elif drops == d.sent_drops:
             return  # no disconnect since we sent it: it is on its way
-        d.task = None
+        del d.running[job.id]
         job.daemon = None
         if done == job.id:  # it ran, but its reply was lost
             if not job.done:
@@ -675,7 +711,7 @@ class Scheduler:
         self.idle.pop(d, None)
         # On the task channel, after any task already sent: ordered, so none is dropped.
         self.out.append((EXIT, d, "retired", TASK_CHANNEL))
-        if d.task is None:
+        if not d.running:
             self.gone(d, f"retired ({reason})")
 
     def seen(self, d: Daemon) -> None:
@@ -692,11 +728,10 @@ class Scheduler:
     def send_failed(self, d: Daemon, job: Job | None, now: float = 0.0) -> None:
         """A SEND to ``d`` could not be delivered: ``job`` never ran; ``d`` is gone."""
         if job is not None and job.daemon is d:
-            if d.task is job:
-                d.task, d.next = d.next, None
+            if d.running.get(job.id) is job:
+                del d.running[job.id]
             elif d.next is job:
                 d.next = None
-            if d.next is None:
                 self.prefetched.pop(d, None)
             self._requeue(job)
         self.gone(d, "a send to it failed")
@@ -714,7 +749,6 @@ class Scheduler:
         self.daemons.pop(d.token, None)
         self.idle.pop(d, None)
         self.prefetched.pop(d, None)
-        d.grace_job = None
         where = f"daemon pid {d.pid} on {d.host}" if d.pid else "a daemon"
         culprit = d.replay[0] if d.replay else None
         for item in self.setups:
@@ -726,8 +760,8 @@ class Scheduler:
         nxt, d.next = d.next, None
         if nxt is not None:  # prefetched, never started
             self._requeue(nxt)
-        job, d.task = d.task, None
-        if job is not None:
+        running, d.running = d.running, {}
+        for job in reversed(running.values()):  # requeued at the head: keep their order
             job.daemon = None
             if not job.done:
                 if job.retries > 0 and not self.closed:
@@ -840,7 +874,7 @@ class Scheduler:
         if job.done:
             return "done"
         d = job.daemon
-        return "running" if d is not None and d.task is job else "queued"
+        return "running" if d is not None and d.running.get(job.id) is job else "queued"
 
     def status(self) -> dict[str, Any]:
         live = [d for d in self.daemons.values() if d.ident is not None and d.alive]
@@ -848,7 +882,7 @@ class Scheduler:
             "connections": len(live),
             "awaiting": self.queued
             + sum(1 for d in self.prefetched if d.next is not None and not d.next.done),
-            "executing": sum(1 for d in live if d.task is not None),
+            "executing": sum(len(d.running) for d in live),
             "completed": self.counters["completed"],
             "daemons": [d.row() for d in live],
         }
@@ -865,7 +899,7 @@ class Scheduler:
                 break
             self._resolve(job, ERROR, DaemonError(err))
         for d in list(self.daemons.values()):
-            for job in (d.task, d.next):
+            for job in [*d.running.values(), d.next]:
                 if job is not None and not job.done:
                     self._resolve(job, ERROR, DaemonError(err))
             self.out.append((EXIT, d, reason, BOTH_CHANNELS))

@@ -145,6 +145,11 @@ class Harness:
         return [j for dd, _, j in self.sent if dd is d and j is not None]
 
 
+def task_of(d: Daemon) -> Job | None:
+    """The task a single-slot daemon runs."""
+    return next(iter(d.running.values()), None)
+
+
 def outcome(job: Job) -> tuple[int, Any]:
     (out,) = job.handle.outcomes
     return out
@@ -178,11 +183,11 @@ def test_prefetch_under_backlog_on_reliable_channels_only() -> None:
     r = h.connect(reliable=False)
     for _ in range(8):
         h.submit()
-    h.result(d, d.task)  # d is made idle again under a backlog of 5 > 2 daemons
-    assert d.task is not None and d.next is not None  # prefetched
+    h.result(d, task_of(d))  # d is made idle again under a backlog of 5 > 2 daemons
+    assert task_of(d) is not None and d.next is not None  # prefetched
     assert h.s.job_state(d.next) == "queued"
     assert r.next is None  # unreliable (zmq) channel: never prefetched
-    h.result(r, r.task)
+    h.result(r, task_of(r))
     assert r.next is None
     assert h.s.status()["awaiting"] == h.s.queued + 1
 
@@ -193,7 +198,7 @@ def test_no_prefetch_without_backlog() -> None:
     h.connect(reliable=True)
     for _ in range(3):
         h.submit()
-    h.result(d, d.task)
+    h.result(d, task_of(d))
     assert d.next is None
 
 
@@ -202,7 +207,7 @@ def test_idle_daemon_revokes_a_prefetched_task() -> None:
     busy = h.connect(reliable=True)
     for _ in range(4):
         h.submit()
-    h.result(busy, busy.task)  # backlog 2 > 1 daemon: busy takes one and prefetches one
+    h.result(busy, task_of(busy))  # backlog 2 > 1 daemon: busy takes one and prefetches one
     assert busy.next is not None
     prefetched = busy.next
     # drain the queue so that a new daemon finds nothing queued
@@ -213,7 +218,7 @@ def test_idle_daemon_revokes_a_prefetched_task() -> None:
     assert h.s.idle == {idle: None}
     h.s.cancelled(busy, prefetched.id, True, h.now)  # granted: it never started
     h.flush()
-    assert idle.task is prefetched and busy.next is None
+    assert task_of(idle) is prefetched and busy.next is None
     assert h.tasks_sent_to(idle) == [prefetched]
 
 
@@ -229,11 +234,11 @@ def test_replay_reaches_a_new_daemon_in_order_before_any_task() -> None:
     job = h.submit()
     d = h.connect()
     assert [f for dd, f, _ in h.sent if dd is d] == [[b"s1"], [b"s2"]]
-    assert d.task is None and not d.ready
+    assert task_of(d) is None and not d.ready
     h.result(d, s1)
-    assert d.task is None
+    assert task_of(d) is None
     h.result(d, s2)
-    assert d.ready and d.task is job
+    assert d.ready and d.running.get(job.id) is job
 
 
 def test_everywhere_waits_for_expected_local_daemons() -> None:
@@ -273,7 +278,7 @@ def test_retries_then_daemon_error() -> None:
     h.flush()
     assert not job.handle.outcomes and h.s.queued == 1 and job.retries == 0
     d2 = h.connect()
-    assert d2.task is job
+    assert d2.running.get(job.id) is job
     h.s.gone(d2, "killed again")
     h.flush()
     state, err = outcome(job)
@@ -329,7 +334,7 @@ def test_lost_task_message_is_resent_after_a_drop() -> None:
     # the daemon runs nothing, answered nothing, and its channel dropped once
     h.s.ping(d, None, None, 1, 0, h.now)
     h.flush()
-    assert d.task is job and len(h.tasks_sent_to(d)) == 2
+    assert d.running.get(job.id) is job and len(h.tasks_sent_to(d)) == 2
 
 
 def test_lost_result_fails_the_task() -> None:
@@ -350,7 +355,7 @@ def test_ping_without_a_drop_changes_nothing() -> None:
     h.now = 100.0
     h.s.ping(d, None, None, 0, 0, h.now)
     h.flush()
-    assert d.task is job and not job.handle.outcomes
+    assert d.running.get(job.id) is job and not job.handle.outcomes
 
 
 def test_busy_daemon_is_never_lost_by_silence() -> None:
@@ -359,7 +364,7 @@ def test_busy_daemon_is_never_lost_by_silence() -> None:
     d = h.connect()
     job = h.submit()
     h.advance(3600)
-    assert d.alive and d.task is job and not job.handle.outcomes
+    assert d.alive and d.running.get(job.id) is job and not job.handle.outcomes
 
 
 def test_disconnect_is_loss_after_grace_unless_it_reconnects() -> None:
@@ -427,7 +432,7 @@ def test_breaker_trips_on_startup_failures_healthy_daemons_keep_serving_and_a_co
     assert a.daemon is healthy  # still served
     b = h.submit()  # queued behind a
     h.result(healthy, a)
-    assert healthy.task is b
+    assert task_of(healthy) is b
     # the healthy daemon dies: nothing serves, queued work fails with the breaker's error
     c = h.submit()
     h.s.process_exited(healthy.pid, -signal.SIGKILL, "killed", h.now)
@@ -460,7 +465,7 @@ def test_failed_send_requeues_without_using_a_retry() -> None:
     assert not d.alive and not job.handle.outcomes and h.s.queued == 1
     h.fail_sends = False
     d2 = h.connect()
-    assert d2.task is job
+    assert d2.running.get(job.id) is job
 
 
 def test_everywhere_that_kills_daemons_trips_the_breaker() -> None:
@@ -518,6 +523,20 @@ def test_dispatch_structures_are_constant_time() -> None:
 
 
 # -- the state machine --------------------------------------------------------------
+class FakeBudget:
+    """Counts what the scheduler gives back and forces in."""
+
+    def __init__(self) -> None:
+        self.queued = 0
+
+    def give(self, n: int) -> None:
+        self.queued -= n
+        assert self.queued >= 0, "gave back more than was taken"
+
+    def force(self, n: int) -> None:
+        self.queued += n
+
+
 class SimDaemon:
     """A daemon that answers what it was sent, in order (a FIFO inbox)."""
 
@@ -533,9 +552,17 @@ class SimDaemon:
 class SchedulerMachine(RuleBasedStateMachine):
     """Random interleavings of every event; invariants after every step."""
 
-    @initialize(local=st.integers(0, 3))
-    def setup(self, local: int) -> None:
-        self.s = Scheduler(local_target=local, hostname=HOST, cancel_grace=2.0)
+    @initialize(local=st.integers(0, 3), slots=st.sampled_from([1, 1, 3]))
+    def setup(self, local: int, slots: int) -> None:
+        self.budget = FakeBudget()
+        self.slots = slots
+        self.s = Scheduler(
+            local_target=local,
+            hostname=HOST,
+            cancel_grace=2.0,
+            concurrency=slots,
+            budget=self.budget,
+        )
         self.now = 0.0
         self.handles: dict[int, Handle] = {}
         self.jobs: list[Job] = []
@@ -576,7 +603,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                         self.sent_once.add(job.id)
                     sim.inbox.append(("task", job.id))
                     tasks = sum(1 for k, _ in sim.inbox if k == "task")
-                    assert tasks <= 2, "a busy daemon got more than one prefetched task"
+                    assert tasks <= self.slots + 1, "a busy daemon got more than one prefetch"
             elif op == RESOLVE:
                 act[1].outcomes.append((act[2], act[3]))
                 assert len(act[1].outcomes) == 1, f"{act[1]} resolved twice"
@@ -604,13 +631,18 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.spawned_pids.append(self.next_pid)
 
     # -- rules -------------------------------------------------------------------
-    @rule(retries=st.integers(0, 2), timeout=st.one_of(st.none(), st.floats(0.5, 20)))
-    def submit(self, retries: int, timeout: float | None) -> None:
+    @rule(
+        retries=st.integers(0, 2),
+        timeout=st.one_of(st.none(), st.floats(0.5, 20)),
+        nbytes=st.integers(0, 100),
+    )
+    def submit(self, retries: int, timeout: float | None, nbytes: int) -> None:
         self.next_id += 1
         h = Handle(f"t{self.next_id}")
-        job = Job(self.next_id, h, [b"task %d" % self.next_id], retries, timeout)
+        job = Job(self.next_id, h, [b"task %d" % self.next_id], retries, timeout, nbytes)
         self.handles[job.id] = h
         self.jobs.append(job)
+        self.budget.queued += nbytes  # taken by the profile before submit
         self.s.submit(job, self.now)
         self.flush()
 
@@ -666,7 +698,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         sim = data.draw(st.sampled_from(self._alive()))
         if not sim.inbox:
             return
-        kind, tid = sim.inbox.popleft()
+        # Setups come first and run in order; coroutine slots may finish out of order.
+        started = 1
+        if sim.inbox[0][0] == "task":
+            started = min(self.slots, sum(1 for k, _ in sim.inbox if k == "task"))
+        kind, tid = sim.inbox[data.draw(st.integers(0, started - 1))]
+        sim.inbox.remove((kind, tid))
         if kind == "setup":
             self.s.result(sim.d, tid, VALUE, "setup-ok", self.now)
         elif tid in sim.precancelled:
@@ -757,10 +794,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         live_queued = sum(1 for j in s.queue if j.inq)
         assert live_queued == s.queued
         for d in s.idle:
-            assert d.alive and d.task is None and not d.retiring
+            assert d.alive and len(d.running) < d.slots and not d.retiring
         for d in s.daemons.values():
+            assert len(d.running) <= d.slots
             if d.next is not None:
-                assert d.task is not None
+                assert len(d.running) == d.slots
+        # the budget holds exactly the bytes of the jobs waiting in the queue
+        assert self.budget.queued == sum(j.nbytes for j in s.queue if j.inq)
 
     def teardown(self) -> None:
         if not hasattr(self, "s"):
