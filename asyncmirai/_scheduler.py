@@ -70,7 +70,7 @@ LOST_AFTER = 3.0
 #: Seconds a remote daemon may stay disconnected (ZeroMQ reconnects on its own) before
 #: it is declared lost.  Disconnects come from the kernel (a closed tcp connection) or
 #: libzmq's heartbeats, both independent of the daemon's GIL.
-RECONNECT_GRACE = 1.0
+RECONNECT_GRACE = 1.5
 #: Consecutive start-up failures of local daemons that trip the breaker.
 BREAKER_TRIPS_AT = 3
 #: Backoff of a respawn whose ``spawn`` failed (EMFILE, ENOMEM): first and last delay.

@@ -10,13 +10,20 @@ Endpoints:
 * ``GET /square/{x}``: awaits a mirai; the event loop stays free while a daemon works.
   If the client disconnects, the request's task is cancelled, and with it the mirai on
   the daemon.
-* ``POST /jobs`` with ``{"seconds": 1.5, "value": 21}``: starts a background job on a
-  daemon and returns ``{"id": ...}`` at once.
+* ``POST /jobs`` with ``{"seconds": 1.5, "value": 21, "payload": "..."}``: queues a
+  background job (``await am.submit``: it waits for room in the profile's memory budget)
+  and returns ``{"id": ...}``.  If the budget stays full for ``SUBMIT_WAIT`` seconds the
+  answer is ``503`` with ``Retry-After``: backpressure reaches the client instead of
+  growing the host's memory.
+* ``GET /fetch/{n}``: I/O-bound async work on a second compute profile, ``"io"``: ``n``
+  ``async def`` tasks that each await a (simulated) network call; with
+  ``concurrency=CONCURRENCY`` each of its daemons runs that many at once on its event
+  loop.
 * ``GET /jobs/{id}``: ``{"id", "status", "result", "error"}`` where status is one of
   ``pending`` (queued for a daemon), ``running``, ``done``, ``error``, ``cancelled``.
 * ``DELETE /jobs/{id}``: cancels the job: dequeued, or interrupted on its daemon (which
   survives and takes the next task).
-* ``GET /status``: the compute profile's counters.
+* ``GET /status``: the compute profile's counters, memory budget and ``info()``.
 
 The daemons live exactly as long as the app: ``async with am.daemons(2)`` wraps the
 lifespan's ``yield``, so shutting the app down resets the profile and the daemon
@@ -38,6 +45,9 @@ from pydantic import BaseModel
 import asyncmirai as am
 
 N_DAEMONS = 2
+MEMORY = "64MB"  # payload bytes that may wait in the queue
+CONCURRENCY = 8  # async def tasks per daemon at once
+SUBMIT_WAIT = 1.0  # seconds a POST waits for room before answering 503
 
 # The daemons unpickle the task functions below.  When this file is imported under a
 # module name the daemons cannot import (``uvicorn fastapi_app:app`` from another
@@ -53,7 +63,7 @@ def square(x: int) -> int:
     return x * x
 
 
-def slow_job(seconds: float, value: int) -> dict[str, Any]:
+def slow_job(seconds: float, value: int, payload: str = "") -> dict[str, Any]:
     """A stand-in for real work: sleeps, then answers.  Fails for negative values."""
     import os
 
@@ -63,12 +73,22 @@ def slow_job(seconds: float, value: int) -> dict[str, Any]:
     return {"value": value, "doubled": 2 * value, "pid": os.getpid()}
 
 
+async def fetch(i: int, delay: float) -> int:
+    """A stand-in for an HTTP call or a database query: waits on I/O, holds no CPU."""
+    import asyncio
+
+    await asyncio.sleep(delay)
+    return i
+
+
 # -- the app ---------------------------------------------------------------------------
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Inside the running loop, the dispatcher runs on this same loop: no extra thread.
     app.state.jobs = {}
-    async with am.daemons(N_DAEMONS):
+    async with am.daemons(N_DAEMONS, memory=MEMORY), am.daemons(
+        1, compute="io", concurrency=CONCURRENCY
+    ):
         yield
     # here the profile is reset and the daemon processes have exited
     app.state.jobs.clear()
@@ -80,6 +100,7 @@ app = FastAPI(title="asyncmirai + FastAPI", lifespan=lifespan)
 class JobIn(BaseModel):
     seconds: float = 1.0
     value: int = 0
+    payload: str = ""  # data the job carries (counted in the memory budget)
 
 
 def _jobs() -> dict[str, am.Mirai[Any]]:
@@ -96,9 +117,9 @@ def _job_or_404(job_id: str) -> am.Mirai[Any]:
 
 def _describe(job_id: str, m: am.Mirai[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"id": job_id, "status": "pending", "result": None, "error": None}
-    if not m.done():
-        if m.state == "running":  # on a daemon; else still queued
-            out["status"] = "running"
+    state = m.state  # "queued", "running" or "done"
+    if state != "done":
+        out["status"] = "running" if state == "running" else "pending"
         return out
     if m.cancelled():
         out["status"] = "cancelled"
@@ -123,9 +144,23 @@ async def get_square(x: int) -> dict[str, int]:
 
 @app.post("/jobs", status_code=202)
 async def submit_job(job: JobIn) -> dict[str, str]:
+    import anyio
+
     job_id = uuid.uuid4().hex
-    _jobs()[job_id] = am.mirai(slow_job, job.seconds, job.value)
-    return {"id": job_id}
+    with anyio.move_on_after(SUBMIT_WAIT):  # cancelling the wait submits nothing
+        _jobs()[job_id] = await am.submit(slow_job, job.seconds, job.value, job.payload)
+        return {"id": job_id}
+    raise HTTPException(
+        status_code=503,
+        detail="the job queue is full: retry later",
+        headers={"Retry-After": str(max(1, round(SUBMIT_WAIT)))},
+    )
+
+
+@app.get("/fetch/{n}")
+async def fetch_many(n: int, delay: float = 0.1) -> dict[str, Any]:
+    values = await am.mirai_map(fetch, range(n), delay=delay, _compute="io")
+    return {"n": n, "sum": sum(values)}
 
 
 @app.get("/jobs/{job_id}")
@@ -149,6 +184,8 @@ async def profile_status() -> dict[str, Any]:
         "executing": s.executing,
         "completed": s.completed,
         "pids": sorted(d.pid for d in s.daemons),
+        "memory": s.memory,
+        "info": am.info(),
     }
 
 

@@ -243,3 +243,35 @@ async def test_async_jobs(example: ModuleType, anyio_backend: str) -> None:
         assert st["connections"] == 2 and st["pids"] == pids, (
             f"a cancelled job's daemon was killed instead of interrupted: {pids} -> {st}"
         )
+
+
+def test_full_budget_answers_503_with_retry_after(example: ModuleType, monkeypatch: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setattr(example, "MEMORY", 30_000)
+    monkeypatch.setattr(example, "SUBMIT_WAIT", 0.2)
+    payload = "p" * 20_000
+    with TestClient(example.app) as c:
+        wait_connected(c.get)
+        busy = [c.post("/jobs", json={"seconds": 60, "value": i}).json()["id"] for i in range(2)]
+        for job_id in busy:
+            poll_until(c.get, job_id, {"running"})
+        queued = c.post("/jobs", json={"seconds": 0, "value": 1, "payload": payload})
+        assert queued.status_code == 202  # the queue was empty: admitted
+        full = c.post("/jobs", json={"seconds": 0, "value": 2, "payload": payload})
+        assert full.status_code == 503
+        assert full.headers["Retry-After"] == "1"
+        st = c.get("/status").json()
+        assert st["memory"]["capacity"] == 30_000
+        assert st["info"]["submitted"] == 3  # the refused job was never submitted
+        for job_id in busy:
+            c.delete(f"/jobs/{job_id}")
+        body = poll_until(c.get, queued.json()["id"], {"done", "error"})
+        assert body["status"] == "done" and body["result"]["value"] == 1
+        ok = c.post("/jobs", json={"seconds": 0, "value": 3, "payload": payload})
+        assert ok.status_code == 202
+
+
+def test_fetch_runs_async_tasks_on_the_io_profile(client: Any) -> None:
+    r = client.get("/fetch/20", params={"delay": 0.01})
+    assert r.json() == {"n": 20, "sum": sum(range(20))}
