@@ -231,3 +231,18 @@ def test_async_iterables_need_a_window() -> None:
             am.mirai_map(helpers_mod.inc, Pulls().agen(3))
         with pytest.raises(TypeError, match="zip"):
             am.mirai_map(pow, Pulls().agen(3), [2, 2, 2], _window=2)
+
+
+def nbytes(x: bytes) -> int:
+    return len(x)
+
+
+@pytest.mark.anyio
+async def test_window_waits_for_room_in_a_memory_budget() -> None:
+    # On a loop thread mirai() refuses to block on a full budget (QueueFull); a windowed
+    # map keeps what it read and submits it with `await am.submit` when consumed.
+    async with am.daemons(2, memory=30_000):
+        c = Pulls()
+        src = (b"x" * 20_000 for _ in c.gen(12))
+        assert await am.mirai_map(nbytes, src, _window=4) == [20_000] * 12
+        assert c.pulls == 12
