@@ -30,7 +30,10 @@ _EXPORTS = {
     "local_url": "_api",
     "info": "_api",
     "mirai": "_api",
+    "on_daemon": "_api",
+    "require_daemons": "_api",
     "status": "_api",
+    "using": "_api",
     "submit": "_api",
     "try_mirai": "_api",
     "SerialConfig": "_codecs",
@@ -81,12 +84,15 @@ __all__ = [
     "local_url",
     "mirai",
     "mirai_map",
+    "on_daemon",
     "race",
+    "require_daemons",
     "serial_config",
     "ssh_config",
     "status",
     "submit",
     "try_mirai",
+    "using",
 ]
 
 if TYPE_CHECKING:
@@ -103,9 +109,12 @@ if TYPE_CHECKING:
         launch_remote,
         local_url,
         mirai,
+        on_daemon,
+        require_daemons,
         status,
         submit,
         try_mirai,
+        using,
     )
     from ._codecs import SerialConfig, serial_config
     from ._errors import (

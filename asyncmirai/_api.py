@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
+import contextvars
 import hashlib
 import itertools
 import os
@@ -11,14 +13,14 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
 from . import _codecs, _protocol
 from ._budget import parse_size
 from ._call import CALL, CODE, apply_seed, error_record, eval_code
-from ._errors import MiraiError, QueueFull, SerializationError
+from ._errors import QueueFull, SerializationError, make_error
 from ._handle import CANCELLED, ERROR, VALUE, Mirai
 from ._profile import _REGISTRY_LOCK, Profile, profiles
 from ._scheduler import Job, Setup
@@ -301,19 +303,66 @@ def _as_configs(
     return out
 
 
+_current: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "asyncmirai_compute", default="default"
+)
+
+
+def _name(compute: str | None) -> str:
+    return _current.get() if compute is None else compute
+
+
 def _profile(compute: str | None) -> Profile:
-    name = "default" if compute is None else compute
+    name = _name(compute)
     prof = profiles.get(name)
     if prof is None:
         raise RuntimeError(
-            f"no daemons are set for compute profile {name!r}: call am.daemons(n) first"
+            f"no daemons are set for compute profile {name!r}: call "
+            f"am.daemons(n{'' if name == 'default' else f', compute={name!r}'}) first"
         )
     return prof
 
 
-def daemons_set(compute: str = "default") -> bool:
-    """True if daemons are set for the compute profile."""
-    return compute in profiles
+@contextlib.contextmanager
+def using(compute: str) -> Iterator[str]:
+    """Make ``compute`` the default profile inside the block (R mirai's ``with_daemons``).
+
+    ``mirai``, ``submit``, ``try_mirai``, ``mirai_map``, ``everywhere``, ``status``,
+    ``info`` and ``executor`` called without an explicit profile use it.  A context
+    variable: it follows the current task or thread, so concurrent tasks can use
+    different profiles.
+    """
+    if not isinstance(compute, str) or not compute:
+        raise ValueError(f"compute must be a non-empty string, got {compute!r}")
+    token = _current.set(compute)
+    try:
+        yield compute
+    finally:
+        _current.reset(token)
+
+
+def require_daemons(compute: str | None = None) -> None:
+    """Raise a clear RuntimeError unless daemons are set for the profile (default: the
+    current one, see :func:`using`)."""
+    _profile(compute)
+
+
+def on_daemon() -> bool:
+    """True when called inside a task running on a daemon (or in ``sync=True`` mode)."""
+    mod = sys.modules.get("asyncmirai._daemon")
+    return bool(_in_sync_task.get()) or (
+        mod is not None and getattr(mod, "_CURRENT", None) is not None
+    )
+
+
+_in_sync_task: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "asyncmirai_in_sync_task", default=False
+)
+
+
+def daemons_set(compute: str | None = None) -> bool:
+    """True if daemons are set for the compute profile (default: the current one)."""
+    return _name(compute) in profiles
 
 
 @dataclass(frozen=True)
@@ -362,7 +411,7 @@ class Status:
         return self.daemons
 
 
-def status(compute: str = "default") -> Status:
+def status(compute: str | None = None) -> Status:
     """Return a :class:`Status` snapshot of the compute profile.
 
     Raises:
@@ -373,7 +422,7 @@ def status(compute: str = "default") -> Status:
     return Status(daemons=rows, **raw)
 
 
-def launch_local(n: int = 1, *, compute: str = "default") -> int:
+def launch_local(n: int = 1, *, compute: str | None = None) -> int:
     """Start ``n`` more local daemons for a profile (e.g. one set up with ``url=``)."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
@@ -384,7 +433,7 @@ def launch_local(n: int = 1, *, compute: str = "default") -> int:
     return n
 
 
-def launch_remote(n: int = 1, *, remote: Any = None, compute: str = "default") -> list[str]:
+def launch_remote(n: int = 1, *, remote: Any = None, compute: str | None = None) -> list[str]:
     """Shell commands that start ``n`` daemons for a profile elsewhere (keys included).
 
     On a CurveZMQ profile the public keys are on the command line and the daemon's secret
@@ -621,7 +670,7 @@ def try_mirai(
     return m
 
 
-def info(compute: str = "default") -> dict[str, int]:
+def info(compute: str | None = None) -> dict[str, int]:
     """Cumulative counters of the profile since :func:`daemons` started it: ``submitted``,
     ``completed``, ``failed``, ``cancelled``, ``retried``, ``timed_out``, ``respawned``
     (as R mirai's ``info()``).
@@ -641,6 +690,7 @@ def _run_sync(
     m: Mirai[Any] = Mirai(tid, None)
     _encode_call(kind, fn, args, kwargs, prof.table)  # same "fails at mirai()" contract
     prof.sync_completed += 1
+    flag = _in_sync_task.set(True)
     try:
         if prof.seed is not None:
             apply_seed(_derive_seed(prof.seed, index))
@@ -652,11 +702,11 @@ def _run_sync(
                 value = _run_coroutine(value)
     except Exception as exc:
         name, message, tb, _ = error_record(exc)
-        err = MiraiError(name, message, tb)
-        err.__cause__ = exc
-        m._resolve(ERROR, err)
+        m._resolve(ERROR, make_error(name, message, tb, exc))
     else:
         m._resolve(VALUE, value)
+    finally:
+        _in_sync_task.reset(flag)
     return m
 
 
