@@ -20,8 +20,8 @@ from typing import Any, Literal, TypeVar, overload
 from . import _codecs, _protocol
 from ._budget import parse_size
 from ._call import CALL, CODE, apply_seed, error_record, eval_code
-from ._errors import QueueFull, SerializationError, make_error
-from ._handle import CANCELLED, ERROR, VALUE, Mirai
+from ._errors import MiraiCancelled, MiraiError, QueueFull, SerializationError, make_error
+from ._handle import ARGUMENT_HANDLES, CANCELLED, ERROR, VALUE, Mirai
 from ._profile import _REGISTRY_LOCK, Profile, profiles
 from ._scheduler import Job, Setup
 
@@ -503,13 +503,24 @@ def _derive_seed(seed: int, index: int) -> int:
 
 
 def _encode_call(
-    kind: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], table: _codecs.CodecTable
+    kind: int,
+    fn: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    table: _codecs.CodecTable,
+    handles: list[Mirai[Any]] | None = None,
 ) -> tuple[Any, list[Any], list[Any]]:
+    """Encode a call; handles met in its arguments (at any depth) go to ``handles``."""
+    token = ARGUMENT_HANDLES.set(handles)
     try:
         return _codecs.dumps((kind, fn, args, kwargs), table)
+    except SerializationError:
+        raise
     except Exception as exc:
         what = _culprit(fn, args, kwargs, table)
         raise SerializationError(f"mirai(): cannot serialize {what}: {exc}") from exc
+    finally:
+        ARGUMENT_HANDLES.reset(token)
 
 
 def _culprit(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], table: Any) -> str:
@@ -551,7 +562,10 @@ def _prepare(
     if prof.sync:
         return None, _run_sync(prof, tid, kind, fn, args, kwargs)
     index = next(prof.task_index)
-    body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table)
+    handles: list[Mirai[Any]] = []
+    body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table, handles)
+    if handles and any(h._state != VALUE for h in handles):
+        return None, _after(prof, tid, index, kind, fn, args, kwargs, timeout, retries, handles)
     extra = None if prof.seed is None else {"seed": _derive_seed(prof.seed, index)}
     frames = _protocol.encode_task(tid, body, desc, bufs, extra)
     nbytes = sum(map(_nbytes, frames)) if prof.budget is not None else 0
@@ -559,6 +573,67 @@ def _prepare(
     m: Mirai[Any] = Mirai(tid, prof, job)
     job.handle = m
     return job, m
+
+
+def _after(
+    prof: Profile,
+    tid: int,
+    index: int,
+    kind: int,
+    fn: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    timeout: float | None,
+    retries: int,
+    upstream: list[Mirai[Any]],
+) -> Mirai[Any]:
+    """A task whose arguments hold handles without a value yet: it is submitted once they
+    all resolve (encoded again, with their values), or fails with the first upstream
+    error.  Its handle exists at once; cancelling it drops the wait.  A handle can only
+    take handles that exist before it as arguments, so no cycle can be built."""
+    job = Job(tid, None, None, retries, timeout)
+    m: Mirai[Any] = Mirai(tid, prof, job)
+    job.handle = m
+    once = threading.Lock()
+
+    def ready(_: Mirai[Any]) -> None:
+        if not all(h.done() for h in upstream) or not once.acquire(blocking=False):
+            return
+        if m.done():  # cancelled while it waited
+            return
+        for h in upstream:
+            if h.cancelled() or h.exception() is not None:
+                m._resolve(ERROR, _upstream_error(h))
+                return
+        try:
+            body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table, [])
+            extra = None if prof.seed is None else {"seed": _derive_seed(prof.seed, index)}
+            job.frames = _protocol.encode_task(tid, body, desc, bufs, extra)
+            if prof.budget is not None:  # admitted already: it never waits here
+                job.nbytes = sum(map(_nbytes, job.frames))
+                prof.budget.force(job.nbytes)
+            prof.submit(job)
+        except Exception as exc:  # unpicklable upstream value, profile gone
+            m._resolve(ERROR, exc)
+
+    for h in upstream:
+        h.add_done_callback(ready)
+    return m
+
+
+def _upstream_error(h: Mirai[Any]) -> BaseException:
+    """The error of a task whose argument ``h`` failed: the same kind (catchable as the
+    upstream's own type), its ``__cause__`` the upstream error."""
+    if h.cancelled():
+        cause: BaseException = MiraiCancelled(f"mirai {h.id} was cancelled")
+    else:
+        cause = h.exception() or RuntimeError("no error")
+    original = cause.__cause__ if isinstance(cause, MiraiError) else cause
+    name = cause.type_name if isinstance(cause, MiraiError) else type(cause).__qualname__
+    tb = cause.remote_traceback if isinstance(cause, MiraiError) else ""
+    err = make_error(name, f"argument mirai {h.id} failed: {cause}", tb, original)
+    err.__cause__ = cause
+    return err
 
 
 def _nbytes(frame: Any) -> int:
@@ -688,7 +763,16 @@ def _run_sync(
 
     index = next(prof.task_index)
     m: Mirai[Any] = Mirai(tid, None)
-    _encode_call(kind, fn, args, kwargs, prof.table)  # same "fails at mirai()" contract
+    handles: list[Mirai[Any]] = []
+    encoded = _encode_call(kind, fn, args, kwargs, prof.table, handles)  # fails at mirai()
+    for h in handles:  # handles as arguments: resolved already in sync mode
+        if not h.done():
+            raise RuntimeError("sync=True: a handle of another profile is still pending")
+        if h.cancelled() or h.exception() is not None:
+            m._resolve(ERROR, _upstream_error(h))
+            return m
+    if handles:  # the function gets their values, at any depth, as on a daemon
+        _, fn, args, kwargs = _codecs.loads(*encoded, prof.table)
     prof.sync_completed += 1
     flag = _in_sync_task.set(True)
     try:

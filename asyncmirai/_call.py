@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["CALL", "CODE", "apply_seed", "error_record", "eval_code", "run_chunk"]
+__all__ = ["CALL", "CODE", "apply_seed", "error_record", "eval_code", "identity", "run_chunk"]
 
 # Payload kinds inside a task body (see ``_payload``).
 CALL, CODE = 0, 1
@@ -85,3 +85,8 @@ def apply_seed(seed: Any) -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.manual_seed(seed)
+
+
+def identity(value: Any) -> Any:
+    """What a resolved handle unpickles to on the daemon: its value."""
+    return value

@@ -67,6 +67,7 @@ _SUBCLASS_LOCK = threading.Lock()
 def error_class(original: type) -> type[MiraiError]:
     """The cached subclass of both MiraiError and ``original`` (MiraiError itself when
     ``original`` cannot be subclassed)."""
+    original = _ORIGINAL.get(original, original)  # one of ours: its original class
     cls = _SUBCLASS.get(original, False)
     if cls is not False:
         return cls or MiraiError  # type: ignore[return-value]

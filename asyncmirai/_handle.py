@@ -9,6 +9,7 @@ what makes "a cancel racing completion resolves one way only" true.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Callable, Generator
 from typing import Any, Generic, Protocol, TypeVar
@@ -25,6 +26,12 @@ PENDING, VALUE, ERROR, CANCELLED = 0, 1, 2, 3
 
 # One lock for all handles: held for a few instructions, never while calling out.
 _LOCK = threading.Lock()
+
+#: Set while a task's arguments are encoded: handles met at any depth that have no value
+#: yet (or failed) are collected here, so the task waits for them (futures as arguments).
+ARGUMENT_HANDLES: contextvars.ContextVar[list[Mirai[Any]] | None] = contextvars.ContextVar(
+    "asyncmirai_argument_handles", default=None
+)
 
 
 def _set_future(fut: asyncio.Future[None]) -> None:
@@ -66,6 +73,22 @@ class Mirai(Generic[T]):
     def __repr__(self) -> str:
         state = ("pending", "resolved", "errored", "cancelled")[self._state]
         return f"<Mirai id={self.id} {state}>"
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """As a task's argument, a handle travels as its value (futures as arguments)."""
+        from ._call import identity
+
+        deps = ARGUMENT_HANDLES.get()
+        if deps is not None:
+            deps.append(self)
+        if self._state == VALUE:
+            return (identity, (self._value,))
+        if deps is None:
+            raise TypeError(
+                f"{self!r} has no value to send: pass it as an argument of am.mirai(), "
+                "am.submit() or am.mirai_map() (the task then waits for it), or await it"
+            )
+        return (identity, (None,))  # a placeholder: encoded again once it resolves
 
     # -- resolution (owner side) ---------------------------------------------------
     def _resolve(self, state: int, value: Any) -> bool:
