@@ -103,26 +103,27 @@ class Supervisor:
             pass_fds: tuple[int, ...] = ()
             pairs: list[tuple[socket.socket, socket.socket]] = []
             secret_r: int | None = None
-            if self.transport == "pipe":
-                pairs = [socket.socketpair(), socket.socketpair()]
-                pass_fds = (pairs[0][1].fileno(), pairs[1][1].fileno())
-                argv = self.command(launch=launch, url=f"fd://{pass_fds[0]}/{pass_fds[1]}")
-            else:
-                if self.secret is not None:  # the secret key goes through a pipe
-                    secret_r = secret_pipe(self.secret)
-                    pass_fds = (secret_r,)
-                argv = self.command(launch=launch, secret_fd=secret_r or 0)
-            argv += ["--parent", str(os.getpid())]
             log_path = os.path.join(self.tmpdir, f"{launch}.log")
-            stdout: int | IO[bytes]
-            stderr: int | IO[bytes]
             log_file: IO[bytes] | None = None
-            if self.output:
-                stdout = stderr = subprocess.PIPE
-            else:
-                stdout = subprocess.DEVNULL
-                stderr = log_file = open(log_path, "wb")  # noqa: SIM115 - handed to the child
-            try:
+            try:  # every descriptor taken here may fail with EMFILE: all inside the try
+                if self.transport == "pipe":
+                    pairs.append(socket.socketpair())
+                    pairs.append(socket.socketpair())
+                    pass_fds = (pairs[0][1].fileno(), pairs[1][1].fileno())
+                    argv = self.command(launch=launch, url=f"fd://{pass_fds[0]}/{pass_fds[1]}")
+                else:
+                    if self.secret is not None:  # the secret key goes through a pipe
+                        secret_r = secret_pipe(self.secret)
+                        pass_fds = (secret_r,)
+                    argv = self.command(launch=launch, secret_fd=secret_r or 0)
+                argv += ["--parent", str(os.getpid())]
+                stdout: int | IO[bytes]
+                stderr: int | IO[bytes]
+                if self.output:
+                    stdout = stderr = subprocess.PIPE
+                else:
+                    stdout = subprocess.DEVNULL
+                    stderr = log_file = open(log_path, "wb")  # noqa: SIM115 - to the child
                 proc = subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL,
