@@ -52,6 +52,7 @@ _EXPORTS = {
     "race": "_map",
     "MiraiExecutor": "_executor",
     "executor": "_executor",
+    "register_joblib": "_joblib",
     "cluster_config": "launchers",
     "ssh_config": "launchers",
 }
@@ -87,6 +88,7 @@ __all__ = [
     "on_daemon",
     "race",
     "require_daemons",
+    "register_joblib",
     "serial_config",
     "ssh_config",
     "status",
@@ -127,6 +129,7 @@ if TYPE_CHECKING:
     )
     from ._executor import MiraiExecutor, executor
     from ._handle import Mirai
+    from ._joblib import register_joblib
     from ._map import MiraiMap, as_completed, collect, mirai_map, race
     from .launchers import cluster_config, ssh_config
 
