@@ -23,6 +23,7 @@ from ._call import CALL, CODE, apply_seed, error_record, eval_code
 from ._errors import MiraiCancelled, MiraiError, QueueFull, SerializationError, make_error
 from ._handle import ARGUMENT_HANDLES, CANCELLED, ERROR, VALUE, Mirai
 from ._profile import _REGISTRY_LOCK, Profile, profiles
+from ._put import PUT_REFS, PutRef
 from ._scheduler import Job, Setup
 
 __all__ = [
@@ -452,7 +453,9 @@ def launch_remote(n: int = 1, *, remote: Any = None, compute: str | None = None)
     prof = _profile(compute)
     if prof.sync:
         raise RuntimeError("launch_remote() does not apply to a sync=True profile")
-    python = getattr(remote, "python", None) or "python3"
+    # The host's own interpreter unless the launcher says otherwise: a remote "python3"
+    # is often another environment, without asyncmirai ("No module named asyncmirai").
+    python = getattr(remote, "python", None) or shlex.quote(sys.executable)
     cmds = []
     for i in range(n):
         argv = prof.daemon_command(python=python, launch=f"remote-{os.getpid()}-{i}", remote=True)
@@ -509,9 +512,12 @@ def _encode_call(
     kwargs: dict[str, Any],
     table: _codecs.CodecTable,
     handles: list[Mirai[Any]] | None = None,
+    refs: list[PutRef] | None = None,
 ) -> tuple[Any, list[Any], list[Any]]:
-    """Encode a call; handles met in its arguments (at any depth) go to ``handles``."""
+    """Encode a call; handles and ``am.put`` references met in its arguments (at any
+    depth) go to ``handles`` and ``refs``."""
     token = ARGUMENT_HANDLES.set(handles)
+    token_refs = PUT_REFS.set(refs)
     try:
         return _codecs.dumps((kind, fn, args, kwargs), table)
     except SerializationError:
@@ -521,6 +527,7 @@ def _encode_call(
         raise SerializationError(f"mirai(): cannot serialize {what}: {exc}") from exc
     finally:
         ARGUMENT_HANDLES.reset(token)
+        PUT_REFS.reset(token_refs)
 
 
 def _culprit(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], table: Any) -> str:
@@ -563,13 +570,16 @@ def _prepare(
         return None, _run_sync(prof, tid, kind, fn, args, kwargs)
     index = next(prof.task_index)
     handles: list[Mirai[Any]] = []
-    body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table, handles)
+    refs: list[PutRef] = []
+    body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table, handles, refs)
     if handles and any(h._state != VALUE for h in handles):
         return None, _after(prof, tid, index, kind, fn, args, kwargs, timeout, retries, handles)
     extra = None if prof.seed is None else {"seed": _derive_seed(prof.seed, index)}
     frames = _protocol.encode_task(tid, body, desc, bufs, extra)
     nbytes = sum(map(_nbytes, frames)) if prof.budget is not None else 0
     job = Job(tid, None, frames, retries, timeout, nbytes)
+    if refs:
+        job.refs = _check_refs(prof, refs)
     m: Mirai[Any] = Mirai(tid, prof, job)
     job.handle = m
     return job, m
@@ -606,9 +616,12 @@ def _after(
                 m._resolve(ERROR, _upstream_error(h))
                 return
         try:
-            body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table, [])
+            refs: list[PutRef] = []
+            body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table, [], refs)
             extra = None if prof.seed is None else {"seed": _derive_seed(prof.seed, index)}
             job.frames = _protocol.encode_task(tid, body, desc, bufs, extra)
+            if refs:
+                job.refs = _check_refs(prof, refs)
             if prof.budget is not None:  # admitted already: it never waits here
                 job.nbytes = sum(map(_nbytes, job.frames))
                 prof.budget.force(job.nbytes)
@@ -619,6 +632,15 @@ def _after(
     for h in upstream:
         h.add_done_callback(ready)
     return m
+
+
+def _check_refs(prof: Profile, refs: list[PutRef]) -> tuple[PutRef, ...]:
+    for ref in refs:
+        if ref.compute != prof.compute:
+            raise ValueError(
+                f"{ref!r} belongs to compute profile {ref.compute!r}, not {prof.compute!r}"
+            )
+    return tuple(dict.fromkeys(refs))
 
 
 def _upstream_error(h: Mirai[Any]) -> BaseException:
@@ -764,14 +786,14 @@ def _run_sync(
     index = next(prof.task_index)
     m: Mirai[Any] = Mirai(tid, None)
     handles: list[Mirai[Any]] = []
-    encoded = _encode_call(kind, fn, args, kwargs, prof.table, handles)  # fails at mirai()
+    encoded = _encode_call(kind, fn, args, kwargs, prof.table, handles, [])  # fails here
     for h in handles:  # handles as arguments: resolved already in sync mode
         if not h.done():
             raise RuntimeError("sync=True: a handle of another profile is still pending")
         if h.cancelled() or h.exception() is not None:
             m._resolve(ERROR, _upstream_error(h))
             return m
-    if handles:  # the function gets their values, at any depth, as on a daemon
+    if handles or PutRef in map(type, args):  # values at any depth, as on a daemon
         _, fn, args, kwargs = _codecs.loads(*encoded, prof.table)
     prof.sync_completed += 1
     flag = _in_sync_task.set(True)

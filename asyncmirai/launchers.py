@@ -32,6 +32,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import urllib.parse
@@ -52,7 +53,15 @@ __all__ = [
     "ssh_config",
 ]
 
-_DEFAULT_PYTHON = "python3"
+_DEFAULT_PYTHON = "python3"  # the token a command may start with, replaced by ``python``
+
+
+def _host_python() -> str:
+    """The default interpreter on the other machines: this one's path, shell-quoted (the
+    Dask ``SSHCluster`` / dask-jobqueue convention: a shared filesystem or identical
+    images).  ``python3`` on a remote PATH is often another environment, without
+    asyncmirai in it."""
+    return shlex.quote(sys.executable)
 _SECRET_RE = re.compile(r"(--curve-secret-key(?:=|\s+))(\S+)")
 # A here-document: "<<'WORD'" (or <<WORD, <<-WORD) ... its body ... a line "WORD".
 _HEREDOC_RE = re.compile(r"(<<-?[ \t]*(['\"]?)(\w+)\2)([^\n]*)\n.*?\n[ \t]*\3[ \t]*(?=\n|$)", re.S)
@@ -430,7 +439,7 @@ class SSHConfig:
     remotes: tuple[str, ...]
     tunnel: bool = False
     timeout: float = 10
-    python: str = _DEFAULT_PYTHON
+    python: str = field(default_factory=_host_python)
     ssh: tuple[str, ...] = ("ssh",)
     args: tuple[str, ...] = ()
     _parsed: tuple[_Remote, ...] = field(init=False, repr=False, compare=False)
@@ -586,7 +595,7 @@ def ssh_config(
     *,
     tunnel: bool = False,
     timeout: float = 10,
-    python: str = _DEFAULT_PYTHON,
+    python: str | None = None,
     ssh: str | Sequence[str] = "ssh",
     args: Sequence[str] = (),
 ) -> SSHConfig:
@@ -607,7 +616,10 @@ def ssh_config(
             daemons behind firewalls dial ``tcp://127.0.0.1:PORT`` on their
             machine. The remote port must be free there.
         timeout: ssh connect timeout in seconds.
-        python: Python command on the remotes (replaces a leading ``python3``).
+        python: Python command on the remotes (replaces a leading ``python3``); None
+            (the default): this host's ``sys.executable``, shell-quoted, as Dask's
+            ``SSHCluster`` does (a shared filesystem or identical images). Pass
+            ``"python3"`` or ``"conda run -n env python"`` for anything else.
         ssh: The ssh client, as a string (split like a shell) or argv.
         args: Extra ssh arguments, e.g. ``["-i", key, "-o", "StrictHostKeyChecking=no"]``.
 
@@ -622,7 +634,7 @@ def ssh_config(
         remotes=seq,
         tunnel=tunnel,
         timeout=timeout,
-        python=python,
+        python=python or _host_python(),
         ssh=tuple(_split(ssh)),
         args=tuple(str(a) for a in args),
     )
@@ -873,7 +885,8 @@ class ClusterConfig:
         command: The submit command as given (``"sbatch"``, ``"/opt/pbs/bin/qsub"``,
             ``"sbatch --partition=gpu"`` ...).
         options: Script header lines (scheduler directives and shell lines).
-        python: Python command on the compute nodes.
+        python: Python command on the compute nodes; None (the default): this host's
+            ``sys.executable``, shell-quoted (the dask-jobqueue convention).
         workdir: Directory the submit and cancel commands run in (job output
             files land here by default); ``None``: the current directory.
         env: Extra environment for the submit/cancel commands (on top of ``os.environ``).
@@ -882,7 +895,7 @@ class ClusterConfig:
 
     command: str = "sbatch"
     options: str = ""
-    python: str = _DEFAULT_PYTHON
+    python: str = field(default_factory=_host_python)
     workdir: str | None = None
     env: Mapping[str, str] | None = None
     timeout: float = 60
@@ -1054,7 +1067,7 @@ class ClusterConfig:
 def cluster_config(
     command: str = "sbatch",
     options: str = "",
-    python: str = _DEFAULT_PYTHON,
+    python: str | None = None,
     *,
     workdir: str | None = None,
     env: Mapping[str, str] | None = None,
@@ -1074,7 +1087,8 @@ def cluster_config(
         options: Lines for the job script header, e.g.
             ``"#SBATCH --mem=4G\\n#SBATCH --time=1:00:00\\nmodule load python"``.
             Lines starting with ``-`` get the directive prefix for sbatch/bsub.
-        python: Python command on the compute nodes.
+        python: Python command on the compute nodes; None (the default): this host's
+            ``sys.executable``, shell-quoted (the dask-jobqueue convention).
         workdir: Where the submit/cancel commands run (default: current directory).
         env: Extra environment for the scheduler commands (``os.environ`` is inherited).
         timeout: Seconds to wait for the scheduler's answer to a submission.
@@ -1088,7 +1102,7 @@ def cluster_config(
     return ClusterConfig(
         command=command,
         options=options,
-        python=python,
+        python=python or _host_python(),
         workdir=workdir,
         env=dict(env) if env is not None else None,
         timeout=timeout,

@@ -99,8 +99,10 @@ def shell_launch(
     The leading ``python3`` is replaced by ``python`` and the command is ``exec``'d, so
     the returned process *is* the daemon (same pid).
     """
-    assert cmd.startswith("python3 "), cmd
-    script = f"exec {shlex.quote(python)} {cmd[len('python3 ') :]}\n"
+    if cmd.startswith("python3 "):
+        script = f"exec {shlex.quote(python)} {cmd[len('python3 ') :]}\n"
+    else:  # the default: the host's own interpreter, as the command says
+        script = f"exec {cmd}\n"
     p = subprocess.Popen(
         [*prefix, "sh", "-s"],
         stdin=subprocess.PIPE,

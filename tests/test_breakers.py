@@ -117,11 +117,11 @@ def env_for_children() -> dict[str, str]:
 def sh_launch(cmd: str) -> subprocess.Popen[bytes]:
     """Run an ``am.launch_remote()`` command the way its users must: on ``sh -s``'s stdin
     (it may carry a here-document), ``exec``'d so the process *is* the daemon."""
-    assert cmd.startswith("python3 "), cmd
+    assert cmd.startswith(shlex.quote(sys.executable) + " "), cmd
     p = subprocess.Popen(["sh", "-s"], stdin=subprocess.PIPE, env=env_for_children())
     _started.append(p)
     assert p.stdin is not None
-    p.stdin.write(f"exec {shlex.quote(PY)} {cmd[len('python3 ') :]}\n".encode())
+    p.stdin.write(f"exec {cmd}\n".encode())
     p.stdin.close()
     return p
 

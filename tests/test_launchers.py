@@ -173,6 +173,8 @@ def test_cluster_invalid_command() -> None:
 
 
 CMD = "python3 -m asyncmirai daemon tcp://10.1.2.3:5555 --curve-secret-key K"
+# python=None (the default): the host's own interpreter replaces the leading python3
+HOST_CMD = CMD.replace("python3", shlex.quote(sys.executable), 1)
 
 
 def test_script_sbatch() -> None:
@@ -201,7 +203,7 @@ def test_script_qsub_sge_and_pbs() -> None:
     sge = cluster_config("qsub", "#$ -cwd\n#$ -l mem_free=4G\n#$ -S /bin/sh")
     text = sge.script(CMD)
     assert text.startswith("#!/bin/sh\n#$ -cwd\n#$ -l mem_free=4G\n#$ -S /bin/sh\n")
-    assert text.rstrip().endswith(CMD)
+    assert text.rstrip().endswith(HOST_CMD)
     pbs = cluster_config("/opt/pbs/bin/qsub", "#PBS -l select=1:ncpus=1\n#PBS -N am")
     assert pbs.script(CMD).splitlines()[1:3] == ["#PBS -l select=1:ncpus=1", "#PBS -N am"]
     assert pbs.submit_argv("j.sh") == ["/opt/pbs/bin/qsub", "j.sh"]
@@ -210,7 +212,7 @@ def test_script_qsub_sge_and_pbs() -> None:
 
 def test_script_bsub() -> None:
     cfg = cluster_config("bsub", "-n 1\n#BSUB -M 4000")
-    assert cfg.script(CMD).splitlines() == ["#!/bin/sh", "#BSUB -n 1", "#BSUB -M 4000", CMD]
+    assert cfg.script(CMD).splitlines() == ["#!/bin/sh", "#BSUB -n 1", "#BSUB -M 4000", HOST_CMD]
     assert cfg.submit_argv("j.sh") == ["bsub"]  # script goes on stdin
     assert cfg.cancel_command == "bkill"
 

@@ -275,7 +275,7 @@ def test_tcp_launch_by_returned_command(spawn: Spawner) -> None:
     assert len(cmds) == 2 and len(set(cmds)) == 2
     for c in cmds:
         argv = shlex.split(c)
-        assert argv[:5] == ["python3", "-m", "asyncmirai", "daemon", url]
+        assert argv[:5] == [sys.executable, "-m", "asyncmirai", "daemon", url]
         assert any(a.startswith("--curve-server-key") for a in argv), c  # keys included
     procs = [spawn(c) for c in cmds]
     pids = {p.pid for p in procs}
