@@ -575,8 +575,10 @@ def _prepare(
     if handles and any(h._state != VALUE for h in handles):
         return None, _after(prof, tid, index, kind, fn, args, kwargs, timeout, retries, handles)
     extra = None if prof.seed is None else {"seed": _derive_seed(prof.seed, index)}
-    frames = _protocol.encode_task(tid, body, desc, bufs, extra)
+    frames: Any = _protocol.encode_task(tid, body, desc, bufs, extra)
     nbytes = sum(map(_nbytes, frames)) if prof.budget is not None else 0
+    if len(frames) == 1:  # most tasks: the bare header frame (64 B less per queued task)
+        frames = frames[0]
     job = Job(tid, None, frames, retries, timeout, nbytes)
     if refs:
         job.refs = _check_refs(prof, refs)

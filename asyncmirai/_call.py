@@ -13,7 +13,18 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["CALL", "CODE", "apply_seed", "error_record", "eval_code", "identity", "run_chunk"]
+__all__ = [
+    "CALL",
+    "CODE",
+    "apply_seed",
+    "drop_put",
+    "error_record",
+    "eval_code",
+    "fetch_put",
+    "identity",
+    "run_chunk",
+    "store_put",
+]
 
 # Payload kinds inside a task body (see ``_payload``).
 CALL, CODE = 0, 1
@@ -90,3 +101,31 @@ def apply_seed(seed: Any) -> None:
 def identity(value: Any) -> Any:
     """What a resolved handle unpickles to on the daemon: its value."""
     return value
+
+
+#: Objects sent once with ``am.put`` and cached on this daemon, by id.  The host decides
+#: what is here: it sends an object before the first task that uses it on this daemon,
+#: and drops the oldest past ``am.put``'s bound (``_scheduler.PUT_CACHE_ENTRIES``) and
+#: whatever it garbage-collected.
+_PUTS: dict[int, Any] = {}
+
+
+def store_put(put_id: int, obj: Any) -> None:
+    """Cache an ``am.put`` object (daemon side)."""
+    _PUTS[put_id] = obj
+
+
+def drop_put(put_id: int) -> None:
+    """Forget an ``am.put`` object (daemon side)."""
+    _PUTS.pop(put_id, None)
+
+
+def fetch_put(put_id: int) -> Any:
+    """What an ``am.put`` reference unpickles to on a daemon: the cached object."""
+    try:
+        return _PUTS[put_id]
+    except KeyError:
+        raise LookupError(
+            f"am.put object {put_id} is not cached on this daemon (its reference was "
+            "garbage-collected on the host, or the host dropped it)"
+        ) from None

@@ -165,6 +165,12 @@ class Dispatcher:
         self.sched.everywhere(item)
         self.flush()
 
+    def forget_put(self, put_id: int) -> None:
+        """Daemons drop an ``am.put`` object (loop thread)."""
+        if not self.closed:
+            self.sched.forget_put(put_id)
+            self.flush()
+
     def post(self, kind: int, item: Any) -> None:
         """From another thread: an event for the loop, in order, one hand-off per batch."""
         self._pending.append((kind, item))
@@ -216,7 +222,10 @@ class Dispatcher:
             op = act[0]
             if op == SEND:
                 d = act[1]
-                if d.alive and not self._to(d.ident, act[2]):
+                frames = act[2]
+                if type(frames) is bytes:  # a one-frame task is kept bare (see _api)
+                    frames = (frames,)
+                if d.alive and not self._to(d.ident, frames):
                     self.sched.send_failed(d, act[3], _monotonic())
             elif op == RESOLVE:
                 act[1]._resolve(act[2], act[3])

@@ -268,6 +268,16 @@ class Profile:
         else:
             d.post(_EVERYWHERE, item)
 
+    def forget_put(self, put_id: int) -> None:
+        """An ``am.put`` reference was collected (any thread, maybe at exit)."""
+        d = self.dispatcher
+        if d is None or d.closed or self.loop.is_closed():
+            return
+        try:
+            self.loop.call_soon_threadsafe(d.forget_put, put_id)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
     def status(self) -> dict[str, Any]:
         """A snapshot of the dispatcher's counters (thread-safe)."""
         if self.budget is not None:

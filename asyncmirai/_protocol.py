@@ -36,6 +36,8 @@ __all__ = [
     "Ping",
     "Refuse",
     "Result",
+    "Drop",
+    "Put",
     "Retire",
     "Setup",
     "Task",
@@ -44,7 +46,7 @@ __all__ = [
     "encode",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Put and Drop (am.put)
 #: Headers are small (descriptors of tensors); anything larger is hostile or broken.
 MAX_HEADER_BYTES = 1 << 20
 #: Out-of-band frames one message may carry.
@@ -53,6 +55,7 @@ MAX_BUFFERS = 1 << 16
 # Kind codes on the wire.  Never renumber: bump PROTOCOL_VERSION instead.
 _HELLO, _WELCOME, _REFUSE, _TASK, _RESULT, _CANCEL, _CANCELLED = 1, 2, 3, 4, 5, 6, 7
 _SETUP, _EXIT, _PING, _OUTPUT, _RETIRE = 8, 9, 10, 11, 12
+_PUT, _DROP = 13, 14
 
 _EMPTY = b""
 
@@ -180,8 +183,39 @@ class Retire:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Host -> daemon: cache object ``id`` (``am.put``), sent before the first task that
+    uses it on this daemon."""
+
+    id: int
+    body: Any
+    descriptors: list[Any] = field(default_factory=list)
+    buffers: Sequence[Any] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Host -> daemon: forget cached object ``id`` (its reference was collected)."""
+
+    id: int
+
+
 Message = Union[  # noqa: UP007 - a runtime alias on 3.10
-    Hello, Welcome, Refuse, Task, Setup, Result, Cancel, Cancelled, Exit, Ping, Output, Retire
+    Hello,
+    Welcome,
+    Refuse,
+    Task,
+    Setup,
+    Result,
+    Cancel,
+    Cancelled,
+    Exit,
+    Ping,
+    Output,
+    Retire,
+    Put,
+    Drop,
 ]
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -271,6 +305,12 @@ def encode(msg: Message) -> list[Any]:
     if cls is Retire:
         assert isinstance(msg, Retire)
         return [_header(_RETIRE, extra=msg.reason)]
+    if cls is Put:
+        assert isinstance(msg, Put)
+        return _payload(_PUT, msg.id, msg.descriptors, None, msg.body, msg.buffers)
+    if cls is Drop:
+        assert isinstance(msg, Drop)
+        return [_header(_DROP, msg.id)]
     raise LocalProtocolError(f"not a protocol message: {msg!r}")
 
 
@@ -324,7 +364,7 @@ def decode(frames: Sequence[Any]) -> Message:
     if descriptors is not None and type(descriptors) is not list:
         raise _bad("descriptors are not an array")
     n = len(frames)
-    if kind == _TASK or kind == _RESULT or kind == _SETUP:
+    if kind == _TASK or kind == _RESULT or kind == _SETUP or kind == _PUT:
         inline = header[5]
         if inline is not None:
             if type(inline) is not bytes:
@@ -343,6 +383,8 @@ def decode(frames: Sequence[Any]) -> Message:
             if type(extra) is not bool:
                 raise _bad("result without an ok flag")
             return Result(id, extra, body, desc, bufs)
+        if kind == _PUT:
+            return Put(id, body, desc, bufs)
         return Setup(id, body, desc, bufs)
     if kind == _CANCEL:
         return Cancel(id, extra is True)
@@ -371,6 +413,8 @@ def decode(frames: Sequence[Any]) -> Message:
         return Output(extra, bytes(frames[1]))
     if kind == _RETIRE:
         return Retire(str(extra))
+    if kind == _DROP:
+        return Drop(id)
     raise _bad(f"unknown message kind {kind}")
 
 

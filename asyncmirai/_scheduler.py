@@ -75,6 +75,9 @@ RECONNECT_GRACE = 1.5
 BREAKER_TRIPS_AT = 3
 #: Backoff of a respawn whose ``spawn`` failed (EMFILE, ENOMEM): first and last delay.
 RESPAWN_BACKOFF = (0.1, 5.0)
+#: ``am.put`` objects a daemon caches at most: past it the least recently used one is
+#: dropped there (and sent again when a later task needs it).
+PUT_CACHE_ENTRIES = 256
 #: Exit statuses that mean "killed from outside", not "failed to start".
 _OUTSIDE_KILLS = frozenset((-signal.SIGKILL, -signal.SIGTERM))
 
@@ -93,6 +96,7 @@ class Job:
         "inq",
         "revoking",
         "nbytes",
+        "refs",
     )
 
     def __init__(
@@ -107,6 +111,7 @@ class Job:
         self.id = id
         self.handle = handle
         self.nbytes = nbytes  # payload bytes, counted in the memory budget while queued
+        self.refs: Any = None  # am.put references its arguments hold (sent first)
         self.frames = frames  # released once the job is done
         self.retries = retries
         self.timeout = timeout
@@ -154,6 +159,7 @@ class Daemon:
         "reliable",
         "slots",
         "running",
+        "puts",
         "next",
         "replay",
         "ready",
@@ -180,6 +186,7 @@ class Daemon:
         self.slots = 1  # tasks it may run at once (``daemons(concurrency=)``)
         self.running: dict[int, Job] = {}  # sent to run, by id (at most ``slots``)
         self.next: Job | None = None  # prefetched behind a full ``running``
+        self.puts: dict[int, Any] = {}  # am.put objects it holds, least recent first
         self.replay: deque[Setup] = deque()  # setups sent to it and not yet answered
         self.ready = False  # connected and its setups replayed: healthy
         self.retiring = False
@@ -361,7 +368,30 @@ class Scheduler:
             d.next = job
             self.prefetched[d] = None
         job.daemon = d
+        if job.refs:
+            self._send_puts(d, job.refs)
         self.out.append((SEND, d, job.frames, job))
+
+    def _send_puts(self, d: Daemon, refs: Any) -> None:
+        """``am.put`` objects go to a daemon before the first task there that uses them."""
+        puts = d.puts
+        for ref in refs:
+            if ref.id in puts:
+                puts[ref.id] = puts.pop(ref.id)  # most recently used last
+                continue
+            self.out.append((SEND, d, ref.frames, None))
+            puts[ref.id] = ref
+        while len(puts) > PUT_CACHE_ENTRIES:
+            old_id = next(iter(puts))
+            old = puts.pop(old_id)
+            self.out.append((SEND, d, old.drop_frames, None))
+
+    def forget_put(self, put_id: int) -> None:
+        """An ``am.put`` reference was collected on the host: daemons drop the object."""
+        for d in self.daemons.values():
+            ref = d.puts.pop(put_id, None)
+            if ref is not None:
+                self.out.append((SEND, d, ref.drop_frames, None))
 
     def _pop(self) -> Job | None:
         queue = self.queue
@@ -434,14 +464,17 @@ class Scheduler:
 
     def _revoke_for(self, now: float) -> None:
         """A daemon is idle with nothing queued: take back one task prefetched behind a
-        busy daemon (if it has not started), so it runs on the idle one."""
-        for d in list(self.prefetched):
+        busy daemon (if it has not started), so it runs on the idle one.
+
+        ``prefetched`` holds only candidates: a daemon leaves it when its revoke is sent
+        (or its prefetched task finished, started or was cancelled), so this is O(1)
+        amortised however many daemons there are."""
+        prefetched = self.prefetched
+        while prefetched:
+            d = next(iter(prefetched))
+            del prefetched[d]
             job = d.next
-            if job is None or job.done:
-                if job is None:
-                    del self.prefetched[d]
-                continue
-            if not job.revoking:
+            if job is not None and not job.done and not job.revoking:
                 job.revoking = True
                 self.out.append((CANCEL, d, job.id, True))
                 return
@@ -881,7 +914,7 @@ class Scheduler:
         return {
             "connections": len(live),
             "awaiting": self.queued
-            + sum(1 for d in self.prefetched if d.next is not None and not d.next.done),
+            + sum(1 for d in live if d.next is not None and not d.next.done),
             "executing": sum(len(d.running) for d in live),
             "completed": self.counters["completed"],
             "daemons": [d.row() for d in live],
