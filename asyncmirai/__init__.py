@@ -46,6 +46,8 @@ _EXPORTS = {
     "SerializationError": "_errors",
     "Mirai": "_handle",
     "MiraiMap": "_map",
+    "PutRef": "_put",
+    "put": "_put",
     "as_completed": "_map",
     "collect": "_map",
     "mirai_map": "_map",
@@ -67,6 +69,7 @@ __all__ = [
     "MiraiExecutor",
     "MiraiMap",
     "MiraiTimeout",
+    "PutRef",
     "QueueFull",
     "SerialConfig",
     "SerializationError",
@@ -86,9 +89,10 @@ __all__ = [
     "mirai",
     "mirai_map",
     "on_daemon",
+    "put",
     "race",
-    "require_daemons",
     "register_joblib",
+    "require_daemons",
     "serial_config",
     "ssh_config",
     "status",
@@ -131,6 +135,7 @@ if TYPE_CHECKING:
     from ._handle import Mirai
     from ._joblib import register_joblib
     from ._map import MiraiMap, as_completed, collect, mirai_map, race
+    from ._put import PutRef, put
     from .launchers import cluster_config, ssh_config
 
 
