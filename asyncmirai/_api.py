@@ -9,6 +9,7 @@ import contextvars
 import hashlib
 import itertools
 import os
+import pickle
 import socket
 import sys
 import tempfile
@@ -516,10 +517,13 @@ def _encode_call(
 ) -> tuple[Any, list[Any], list[Any]]:
     """Encode a call; handles and ``am.put`` references met in its arguments (at any
     depth) go to ``handles`` and ``refs``."""
+    payload = (kind, fn, args, kwargs)
+    if not table._custom and _codecs._plain(payload):  # the per-task fast path: no
+        return pickle.dumps(payload, 5), [], []  # handle or reference can be in there
     token = ARGUMENT_HANDLES.set(handles)
     token_refs = PUT_REFS.set(refs)
     try:
-        return _codecs.dumps((kind, fn, args, kwargs), table)
+        return _codecs.dumps(payload, table)
     except SerializationError:
         raise
     except Exception as exc:
@@ -788,14 +792,15 @@ def _run_sync(
     index = next(prof.task_index)
     m: Mirai[Any] = Mirai(tid, None)
     handles: list[Mirai[Any]] = []
-    encoded = _encode_call(kind, fn, args, kwargs, prof.table, handles, [])  # fails here
+    refs: list[PutRef] = []
+    encoded = _encode_call(kind, fn, args, kwargs, prof.table, handles, refs)  # fails here
     for h in handles:  # handles as arguments: resolved already in sync mode
         if not h.done():
             raise RuntimeError("sync=True: a handle of another profile is still pending")
         if h.cancelled() or h.exception() is not None:
             m._resolve(ERROR, _upstream_error(h))
             return m
-    if handles or PutRef in map(type, args):  # values at any depth, as on a daemon
+    if handles or refs:  # their values, at any depth, as on a daemon
         _, fn, args, kwargs = _codecs.loads(*encoded, prof.table)
     prof.sync_completed += 1
     flag = _in_sync_task.set(True)
