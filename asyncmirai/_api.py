@@ -14,6 +14,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
@@ -403,9 +404,65 @@ class Status:
     completed: int
     daemons: list[DaemonInfo] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
+    compute: str = "default"
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
+
+    def _table(self) -> tuple[list[str], list[list[str]], list[str]]:
+        """Header lines, the per-daemon rows, the column names (shared by str and HTML)."""
+        mem = self.memory or {}
+        cap = mem.get("capacity")
+        budget = (
+            "unbounded"
+            if cap is None
+            else f"{_bytes(mem.get('queued', 0))} of {_bytes(cap)} queued "
+            f"(peak {_bytes(mem.get('peak', 0))})"
+        )
+        head = [
+            f"compute profile {self.compute!r}  {self.url}",
+            f"connections {self.connections}  awaiting {self.awaiting}  "
+            f"executing {self.executing}  completed {self.completed}",
+            f"memory budget: {budget}",
+        ]
+        now = time.time()
+        cols = ["pid", "host", "state", "done", "running", "uptime"]
+        rows = [
+            [
+                str(d.pid),
+                d.host + ("" if d.local else " (remote)"),
+                "busy" if d.busy else "idle",
+                str(d.tasks_done),
+                ",".join(map(str, d.tasks)) or "-",
+                _duration(now - d.connected_at) if d.connected_at else "-",
+            ]
+            for d in self.daemons
+        ]
+        return head, rows, cols
+
+    def __str__(self) -> str:
+        head, rows, cols = self._table()
+        widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(cols)]
+        line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()
+        body = [
+            "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
+        return "\n".join([*head, "", line, *body] if rows else [*head, "(no daemon connected)"])
+
+    def _repr_html_(self) -> str:
+        """An HTML table (Jupyter)."""
+        import html
+
+        head, rows, cols = self._table()
+        th = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+        trs = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows
+        )
+        caption = "<br>".join(html.escape(h) for h in head)
+        return (
+            f"<div><p>{caption}</p><table><thead><tr>{th}</tr></thead>"
+            f"<tbody>{trs}</tbody></table></div>"
+        )
 
     @property
     def rows(self) -> list[DaemonInfo]:
@@ -419,9 +476,27 @@ def status(compute: str | None = None) -> Status:
     Raises:
         RuntimeError: no daemons are set for that profile.
     """
-    raw = _profile(compute).status()
+    prof = _profile(compute)
+    raw = prof.status()
     rows = [DaemonInfo(**r) for r in raw.pop("daemons")]
-    return Status(daemons=rows, **raw)
+    return Status(daemons=rows, compute=prof.compute, **raw)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _duration(seconds: float) -> str:
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def launch_local(n: int = 1, *, compute: str | None = None) -> int:
