@@ -716,25 +716,28 @@ class Scheduler:
         del d.running[job.id]
         job.daemon = None
         if done == job.id:  # it ran, but its reply was lost
-            if not job.done:
-                if job.retries > 0:
-                    job.retries -= 1
-                    self.counters["retried"] += 1
-                    self._requeue(job)
-                else:
-                    self._resolve(
-                        job,
-                        ERROR,
-                        DaemonError(
-                            f"the result of mirai {job.id} was lost in a connection drop "
-                            f"with daemon pid {d.pid} on {d.host}"
-                        ),
-                    )
+            self._retry_or_fail(
+                job,
+                f"the result of mirai {job.id} was lost in a connection drop "
+                f"with daemon pid {d.pid} on {d.host}",
+            )
         elif not job.done:  # the task message never arrived: it never ran
             log.warning("asyncmirai: mirai %s was lost on the way to pid %s: resent", job.id, d.pid)
             self._requeue(job)
         self._make_idle(d, now)
         self._pump(now)
+
+    def _retry_or_fail(self, job: Job, message: str) -> None:
+        """A job that may have run was lost with its daemon: again under ``_retries``,
+        else it fails with DaemonError."""
+        if job.done:
+            return
+        if job.retries > 0 and not self.closed:
+            job.retries -= 1
+            self.counters["retried"] += 1
+            self._requeue(job)
+        else:
+            self._resolve(job, ERROR, DaemonError(message))
 
     def retire(self, d: Daemon, reason: str) -> None:
         """``d`` retires (maxtasks, idletime, walltime): tasks already sent to it come back
@@ -796,17 +799,7 @@ class Scheduler:
         running, d.running = d.running, {}
         for job in reversed(running.values()):  # requeued at the head: keep their order
             job.daemon = None
-            if not job.done:
-                if job.retries > 0 and not self.closed:
-                    job.retries -= 1
-                    self.counters["retried"] += 1
-                    self._requeue(job)
-                else:
-                    self._resolve(
-                        job,
-                        ERROR,
-                        DaemonError(f"{where} was lost running mirai {job.id}: {reason}"),
-                    )
+            self._retry_or_fail(job, f"{where} was lost running mirai {job.id}: {reason}")
         if not self.closed:
             self._pump(now)
             self._check_broken()
