@@ -257,8 +257,12 @@ def _sizeof_parts(h: Any) -> dict[str, Any]:
             frames = getattr(h, attr, None)
             if frames is not None:
                 break
-    if frames is not None:
+    if isinstance(frames, bytes):  # a one-frame task is kept bare (no list)
+        frames = [frames]
+        parts["frames list"] = 0
+    elif frames is not None:
         parts["frames list"] = sys.getsizeof(frames)
+    if frames is not None:
         parts["frames"] = [
             {"type": type(f).__name__, "len": len(f), "sizeof": sys.getsizeof(f)} for f in frames
         ]
