@@ -12,6 +12,8 @@ from asyncmirai._errors import LocalProtocolError, RemoteProtocolError
 
 pytestmark = pytest.mark.timeout(60)
 
+V = p.PROTOCOL_VERSION
+
 MESSAGES: list[p.Message] = [
     p.Hello(123, "host", "task", b"12345678", "local-1"),
     p.Hello(5, "h", "ctrl", b"t", ""),
@@ -28,6 +30,8 @@ MESSAGES: list[p.Message] = [
     p.Ping(),
     p.Output("stderr", b"line\n"),
     p.Retire("maxtasks"),
+    p.Put(14, b"obj", [{"codec": "x"}], [b"buf"]),
+    p.Drop(15),
 ]
 
 
@@ -97,17 +101,17 @@ def test_refuse_is_readable_across_versions() -> None:
         ([msgpack.packb({"a": 1})], "6-item"),
         ([msgpack.packb([1, 2, 3])], "6-item"),
         ([msgpack.packb([1, 4, 1, None, None])], "6-item"),
-        ([msgpack.packb([1, 4, 1, None, None, "str"])], "inline body"),
-        ([msgpack.packb([1, "4", 1, None, None, None])], "types"),
-        ([msgpack.packb([1, 4, 1, None, None, None])], "body"),
-        ([msgpack.packb([1, 4, 1, "notalist", None, None]), b""], "descriptors"),
-        ([msgpack.packb([1, 5, 1, None, "yes", None]), b""], "ok flag"),
-        ([msgpack.packb([1, 99, 1, None, None, None])], "unknown"),
-        ([msgpack.packb([1, 1, 0, None, [1, 2]])], "hello"),
-        ([msgpack.packb([1, 1, 0, None, ["x", "h", "task", b"t", ""]])], "hello"),
-        ([msgpack.packb([1, 11, 0, None, "stdin", None]), b""], "output"),
+        ([msgpack.packb([V, 4, 1, None, None, "str"])], "inline body"),
+        ([msgpack.packb([V, "4", 1, None, None, None])], "types"),
+        ([msgpack.packb([V, 4, 1, None, None, None])], "body"),
+        ([msgpack.packb([V, 4, 1, "notalist", None, None]), b""], "descriptors"),
+        ([msgpack.packb([V, 5, 1, None, "yes", None]), b""], "ok flag"),
+        ([msgpack.packb([V, 99, 1, None, None, None])], "unknown"),
+        ([msgpack.packb([V, 1, 0, None, [1, 2]])], "hello"),
+        ([msgpack.packb([V, 1, 0, None, ["x", "h", "task", b"t", ""]])], "hello"),
+        ([msgpack.packb([V, 11, 0, None, "stdin", None]), b""], "output"),
         ([b"x" * (p.MAX_HEADER_BYTES + 1)], "too large"),
-        ([msgpack.packb([1, 10, 0, None, None, None])] * (p.MAX_BUFFERS + 3), "too many"),
+        ([msgpack.packb([V, 10, 0, None, None, None])] * (p.MAX_BUFFERS + 3), "too many"),
         ([12345], "bytes-like"),
     ],
 )
