@@ -10,10 +10,13 @@ Remote daemons, and local ones started with ``transport="zmq"``, use ZeroMQ.
 Wire format of one message: ``u32 nframes``, ``nframes x u64 length``, then the frames
 that travel in the stream.  A frame of at least ``SHM_FRAME`` bytes travels instead as a
 memfd passed with ``SCM_RIGHTS`` (its length has the top bit set): the sender copies it
-once into the memfd, the receiver maps it (shared, writable) and a tensor or array wraps
-that mapping.  One copy per direction instead of the two a socket needs (into and out of
-the kernel), as torch's own shared-memory pickling does.  Smaller frames of at least
-``BIG_FRAME`` bytes are received straight into their own buffer (``recv_into``).
+once into the memfd and seals it (``F_SEAL_WRITE``, ``F_SEAL_SHRINK``, ``F_SEAL_GROW``:
+nobody can change or truncate it any more), the receiver checks the seals and maps it
+``MAP_PRIVATE``, so the tensor or array that wraps the mapping is writable copy-on-write
+and no other process's writes can reach it.  One copy per direction instead of the two a
+socket needs (into and out of the kernel), as torch's own shared-memory pickling does.
+Smaller frames of at least ``BIG_FRAME`` bytes are received straight into their own
+buffer (``recv_into``).
 """
 
 from __future__ import annotations
@@ -71,14 +74,23 @@ def _byte_view(frame: Any) -> memoryview:
     return mv
 
 
+#: Seals a shared-memory frame must carry: its bytes and size can no longer change.
+_SEALS = 0
+if _HAS_MEMFD:
+    import fcntl
+
+    _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
 def _to_memfd(frame: Any) -> int:
-    """Copy ``frame`` into a new memfd (the one copy of a large frame); return the fd."""
+    """Copy ``frame`` into a new sealed memfd (the one copy of a large frame)."""
     mv = _byte_view(frame)
-    fd = os.memfd_create("asyncmirai-frame", os.MFD_CLOEXEC)
+    fd = os.memfd_create("asyncmirai-frame", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         off, n = 0, mv.nbytes
         while off < n:
             off += os.write(fd, mv[off : off + (1 << 30)])
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
     except BaseException:
         os.close(fd)
         raise
@@ -200,9 +212,14 @@ class FrameReader:
             raise RemoteProtocolError("a shared-memory frame arrived without its descriptor")
         fd = self.fds.popleft()
         try:
+            # Unsealed, the sender (or anyone holding the fd) could still write to the
+            # pages under our tensor, or truncate it (SIGBUS on access): refuse.
+            if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
+                raise RemoteProtocolError("shared-memory frame is not sealed against writes")
             if os.fstat(fd).st_size < size:  # mapping past the end would SIGBUS on access
                 raise RemoteProtocolError("shared-memory frame smaller than announced")
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # Private: writable for us (copy-on-write), invisible to everyone else.
+            mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         return memoryview(mm)
