@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
-from . import _codecs, _protocol
+from . import _codecs, _otel, _protocol
 from ._budget import parse_size
 from ._call import CALL, CODE, apply_seed, error_record, eval_code
 from ._errors import MiraiCancelled, MiraiError, QueueFull, SerializationError, make_error
@@ -131,6 +131,7 @@ def daemons(  # type: ignore[overload-overlap]
     transport: str = "pipe",
     memory: int | str | None = None,
     concurrency: int = 1,
+    log_level: int | str | None = None,
 ) -> int: ...
 
 
@@ -157,6 +158,7 @@ def daemons(
     transport: str = "pipe",
     memory: int | str | None = None,
     concurrency: int = 1,
+    log_level: int | str | None = None,
 ) -> Daemons: ...
 
 
@@ -182,6 +184,7 @@ def daemons(
     transport: str = "pipe",
     memory: int | str | None = None,
     concurrency: int = 1,
+    log_level: int | str | None = None,
 ) -> Daemons | int:
     """Start daemons for a compute profile, or reset it with ``daemons(0)``.
 
@@ -224,6 +227,11 @@ def daemons(
             is empty.
         concurrency: ``async def`` tasks each daemon runs at once on its event loop
             (plain functions run one at a time in its main thread and take a slot).
+        log_level: forward the daemons' logging records at or above this level
+            (``"INFO"``, ``logging.WARNING``, ...) from any logger: they are handled on
+            the host by the logger ``asyncmirai.daemon``, keeping their logger name,
+            level, message, exception text and time, with the attributes ``compute``,
+            ``daemon_pid``, ``daemon_host``, ``daemon_launch`` and ``task_id``.
 
     Raises:
         ValueError: bad arguments.
@@ -245,6 +253,7 @@ def daemons(
     capacity = parse_size(memory)
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency must be a positive int, got {concurrency!r}")
+    level = _log_level(log_level)
     if transport not in ("pipe", "zmq"):
         raise ValueError(f"transport must be 'pipe' or 'zmq', got {transport!r}")
     if url is not None and not url.startswith(("tcp://", "ipc://")):
@@ -284,12 +293,28 @@ def daemons(
         curve_keys=curve_keys,
         memory=capacity,
         concurrency=concurrency,
+        log_level=level,
     )
     with _REGISTRY_LOCK:
         profiles[compute] = prof
+    _otel.profile_started()
     if remote is not None and count:
         launch_remote(count, remote=remote, compute=compute)
     return Daemons(compute, count, prof.url)
+
+
+def _log_level(level: int | str | None) -> int | None:
+    if level is None:
+        return None
+    if isinstance(level, str):
+        import logging
+
+        value = logging.getLevelName(level.upper())
+        if isinstance(value, int):
+            return value
+    elif isinstance(level, int) and not isinstance(level, bool) and level >= 0:
+        return level
+    raise ValueError(f"log_level must be a logging level name or int, got {level!r}")
 
 
 def _as_configs(
@@ -651,9 +676,14 @@ def _prepare(
     handles: list[Mirai[Any]] = []
     refs: list[PutRef] = []
     body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table, handles, refs)
+    obs = _otel_begin(prof.compute, tid, fn, args)  # None unless tracing or metrics are on
     if handles and any(h._state != VALUE for h in handles):
-        return None, _after(prof, tid, index, kind, fn, args, kwargs, timeout, retries, handles)
+        return None, _after(
+            prof, tid, index, kind, fn, args, kwargs, timeout, retries, handles, obs
+        )
     extra = None if prof.seed is None else {"seed": _derive_seed(prof.seed, index)}
+    if obs is not None:
+        extra = obs.extra(extra)
     frames: Any = _protocol.encode_task(tid, body, desc, bufs, extra)
     nbytes = sum(map(_nbytes, frames)) if prof.budget is not None else 0
     if len(frames) == 1:  # most tasks: the bare header frame (64 B less per queued task)
@@ -663,7 +693,12 @@ def _prepare(
         job.refs = _check_refs(prof, refs)
     m: Mirai[Any] = Mirai(tid, prof, job)
     job.handle = m
+    if obs is not None:
+        obs.attach(job, m, frames)
     return job, m
+
+
+_otel_begin = _otel.begin
 
 
 def _after(
@@ -677,6 +712,7 @@ def _after(
     timeout: float | None,
     retries: int,
     upstream: list[Mirai[Any]],
+    obs: _otel.Record | None = None,
 ) -> Mirai[Any]:
     """A task whose arguments hold handles without a value yet: it is submitted once they
     all resolve (encoded again, with their values), or fails with the first upstream
@@ -685,6 +721,8 @@ def _after(
     job = Job(tid, None, None, retries, timeout)
     m: Mirai[Any] = Mirai(tid, prof, job)
     job.handle = m
+    if obs is not None:
+        obs.attach(job, m, None)
     once = threading.Lock()
 
     def ready(_: Mirai[Any]) -> None:
@@ -700,7 +738,11 @@ def _after(
             refs: list[PutRef] = []
             body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table, [], refs)
             extra = None if prof.seed is None else {"seed": _derive_seed(prof.seed, index)}
+            if obs is not None:
+                extra = obs.extra(extra)
             job.frames = _protocol.encode_task(tid, body, desc, bufs, extra)
+            if obs is not None:
+                obs.bytes_out = _otel._size(job.frames)
             if refs:
                 job.refs = _check_refs(prof, refs)
             if prof.budget is not None:  # admitted already: it never waits here
@@ -995,10 +1037,17 @@ def _everywhere(
 ) -> Mirai[list[Any]]:
     tid = next(_task_ids)
     body, desc, bufs = _encode_call(kind, fn, args, kwargs, prof.table)
-    frames = _protocol.encode(_protocol.Setup(tid, body, desc, bufs))
+    group = _otel.group(
+        f"everywhere {_otel.span_name(fn)}",
+        {"asyncmirai.task.id": tid, "asyncmirai.compute": prof.compute},
+    )
+    extra = None if group is None else group.carrier()
+    frames = _protocol.encode(_protocol.Setup(tid, body, desc, bufs, extra))
     h: Mirai[list[Any]] = Everywhere(tid, prof)
     label = f"everywhere({fn if kind == CODE else getattr(fn, '__qualname__', repr(fn))!r:.80})"
     prof.everywhere(Setup(tid, frames, h, prof.n_local, label))
+    if group is not None:
+        group.follow([h])
     return h
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from . import _codecs, _protocol
+from . import _codecs, _otel, _protocol
 from ._errors import MiraiError, RemoteProtocolError, error_from_record
 from ._protocol import (
     PROTOCOL_VERSION,
@@ -100,6 +100,7 @@ class Dispatcher:
         self.spawn = spawn or (lambda k: None)
         self.kill = kill or (lambda d: None)
         self.on_output = on_output
+        self.obs = _otel.RECORDS  # traced or measured tasks (empty unless OpenTelemetry is on)
         self.sched = Scheduler(
             local_target=local_target,
             hostname=hostname,
@@ -217,6 +218,7 @@ class Dispatcher:
     def flush(self) -> None:
         """Perform the scheduler's actions, in order, until there are none left."""
         out = self.sched.out
+        obs = self.obs
         while out:
             act = out.popleft()
             op = act[0]
@@ -227,6 +229,8 @@ class Dispatcher:
                     frames = (frames,)
                 if d.alive and not self._to(d.ident, frames):
                     self.sched.send_failed(d, act[3], _monotonic())
+                elif obs and act[3] is not None and (rec := obs.get(act[3].id)) is not None:
+                    _otel.sent(rec, d)
             elif op == RESOLVE:
                 act[1]._resolve(act[2], act[3])
             elif op == CANCEL:
@@ -392,6 +396,8 @@ class Dispatcher:
                 self._note_fd(first, d)
             if cls is Result:
                 r: Result = msg  # type: ignore[assignment]
+                if self.obs and (rec := self.obs.get(r.id)) is not None:
+                    _otel.received(rec, frames)
                 sched.result(d, r.id, *self._outcome(d, r), _monotonic())
             elif cls is Ping:
                 p: Ping = msg  # type: ignore[assignment]

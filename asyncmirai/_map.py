@@ -25,6 +25,7 @@ from collections.abc import (
 )
 from typing import Any, Generic, TypeVar
 
+from . import _otel
 from ._errors import MiraiCancelled, error_from_record
 from ._handle import Mirai
 
@@ -869,6 +870,9 @@ def mirai_map(
         items = list(zip(*iterables, strict=False))  # like map(): stop at the shortest
     opts: dict[str, Any] = {"_timeout": _timeout, "_retries": _retries, "_compute": _compute}
     bar = _make_progress(len(items), _progress)
+    # Tracing on: one parent span, the tasks' spans its children (None otherwise).
+    group = _otel.group(f"mirai_map {_otel.span_name(fn)}", {"asyncmirai.map.size": len(items)})
+    token = group.enter() if group is not None else None
     try:
         if _chunksize is None or _chunksize == 1:
             if single:
@@ -885,5 +889,12 @@ def mirai_map(
     except BaseException:
         if bar is not None:
             bar.close()
+        if group is not None:
+            group.close()
         raise
+    finally:
+        if group is not None:
+            group.leave(token)
+    if group is not None:
+        group.follow(ms)
     return handle

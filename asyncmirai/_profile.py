@@ -65,6 +65,7 @@ class Profile:
         curve_keys: tuple[tuple[bytes, bytes], tuple[bytes, bytes]] | None = None,
         memory: int | None = None,
         concurrency: int = 1,
+        log_level: int | None = None,
     ) -> None:
         self.curve_keys = curve_keys
         self.compute = compute
@@ -84,6 +85,7 @@ class Profile:
             "idletime": idletime,
             "walltime": walltime,
             "concurrency": concurrency,
+            "log_level": log_level,  # daemons send logging records >= it (None: none)
         }
         self.concurrency = concurrency
         self.budget = Budget(memory) if memory is not None else None
@@ -212,7 +214,13 @@ class Profile:
         return argv
 
     def _on_output(self, d: Daemon, msg: Output) -> None:
-        """What a remote daemon printed (``output=True``), prefixed."""
+        """What a remote daemon printed (``output=True``), prefixed; or a logging record
+        of any daemon (``log_level=``), re-emitted under ``asyncmirai.daemon``."""
+        if msg.stream == "log":
+            from ._logs import emit
+
+            emit(self.compute, d, msg.data)
+            return
         sink = sys.stdout if msg.stream == "stdout" else sys.stderr
         prefix = f"[{self.compute} pid {d.pid}@{d.host}] "
         text = msg.data.decode(errors="replace")

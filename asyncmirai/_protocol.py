@@ -103,12 +103,15 @@ class Task:
 
 @dataclass(frozen=True, slots=True)
 class Setup:
-    """Host -> daemon: an ``everywhere()`` call; replayed to daemons that connect later."""
+    """Host -> daemon: an ``everywhere()`` call; replayed to daemons that connect later.
+
+    ``extra`` carries options as a Task's does (the trace context of the call)."""
 
     id: int
     body: Any
     descriptors: list[Any] = field(default_factory=list)
     buffers: Sequence[Any] = ()
+    extra: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +173,8 @@ class Ping:
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """Daemon -> host: a chunk of the daemon's stdout or stderr (``output=True``)."""
+    """Daemon -> host: a chunk of the daemon's stdout or stderr (``output=True``), or
+    (``stream == "log"``) one logging record, msgpack-encoded (``daemons(log_level=)``)."""
 
     stream: str
     data: bytes
@@ -276,7 +280,7 @@ def encode(msg: Message) -> list[Any]:
         return _payload(_RESULT, msg.id, msg.descriptors, msg.ok, msg.body, msg.buffers)
     if cls is Setup:
         assert isinstance(msg, Setup)
-        return _payload(_SETUP, msg.id, msg.descriptors, None, msg.body, msg.buffers)
+        return _payload(_SETUP, msg.id, msg.descriptors, msg.extra, msg.body, msg.buffers)
     if cls is Cancel:
         assert isinstance(msg, Cancel)
         return [_header(_CANCEL, msg.id, extra=msg.revoke)]
@@ -385,7 +389,7 @@ def decode(frames: Sequence[Any]) -> Message:
             return Result(id, extra, body, desc, bufs)
         if kind == _PUT:
             return Put(id, body, desc, bufs)
-        return Setup(id, body, desc, bufs)
+        return Setup(id, body, desc, bufs, extra)
     if kind == _CANCEL:
         return Cancel(id, extra is True)
     if kind == _CANCELLED:
@@ -408,7 +412,7 @@ def decode(frames: Sequence[Any]) -> Message:
     if kind == _EXIT:
         return Exit(str(extra or ""))
     if kind == _OUTPUT:
-        if n < 2 or extra not in ("stdout", "stderr"):
+        if n < 2 or extra not in ("stdout", "stderr", "log"):
             raise _bad("malformed output message")
         return Output(extra, bytes(frames[1]))
     if kind == _RETIRE:

@@ -348,7 +348,8 @@ def test_import_is_light() -> None:
     code = (
         "import sys, asyncmirai as am; am.mirai; am.daemons; am.serial_config;"
         "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, "
-        "[m for m in sys.modules if m.startswith(('torch', 'numpy'))]"
+        "[m for m in sys.modules if m.startswith(('torch', 'numpy'))];"
+        "assert not [m for m in sys.modules if m.startswith('opentelemetry')]"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
