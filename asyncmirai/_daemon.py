@@ -14,6 +14,15 @@ Local daemons get both channels as inherited socketpairs (``fd://T/C``, see
 Remote daemons dial the host's ROUTER with two ZeroMQ DEALER sockets (CurveZMQ on tcp);
 the control thread pings the host and watches the connection with a socket monitor:
 when it is gone for ``autoexit`` seconds the daemon exits, so no daemon outlives its host.
+
+With ``concurrency`` k > 1 (sent in the Welcome configuration) the host sends up to k
+tasks before any finishes.  The main thread still decodes every task and calls its
+function; a plain function runs there, one at a time, as above.  An ``async def`` call
+returns a coroutine at once: it is handed to a third thread that runs an asyncio loop
+(started with the first coroutine), and the main thread goes back to receiving.  That
+thread sends the coroutine's result itself, so the task channel becomes shared: sends
+are serialized (see ``_SharedChannel`` and ``_SharedZmq``).  With k == 1 nothing of
+this exists and the per-task path is as it always was.
 """
 
 from __future__ import annotations
@@ -51,6 +60,8 @@ from ._protocol import (
 from ._transport import BlockingChannel
 
 if TYPE_CHECKING:
+    import asyncio
+
     import zmq
 
 __all__ = ["main", "register_serial", "run_daemon"]
@@ -59,6 +70,7 @@ __all__ = ["main", "register_serial", "run_daemon"]
 EXIT_OK = 0
 EXIT_REFUSED = 3
 EXIT_HOST_GONE = 4
+
 
 class _HostCancel(BaseException):
     """Raised in the main thread by the SIGINT handler when the host cancels the task.
@@ -174,6 +186,123 @@ class _ChannelEnd(BlockingChannel):
         self.sock.close()
 
 
+class _SharedChannel:
+    """A socketpair task end shared by the main thread and the coroutine thread.
+
+    Only the main thread receives; both send, one message at a time.  A socket pair is
+    full duplex, so a send from one thread while the other waits in ``recv`` is safe.
+    """
+
+    def __init__(self, inner: _ChannelEnd) -> None:
+        self.inner = inner
+        self.lock = threading.Lock()
+
+    def send(self, frames: Sequence[Any]) -> None:
+        with self.lock:
+            self.inner.send(frames)
+
+    def recv(self) -> list[Any]:
+        return self.inner.recv()
+
+    def poll(self, timeout: float | None) -> bool:
+        return self.inner.poll(timeout)
+
+    def close(self) -> None:
+        # Not while a send is half done (a bounded wait: the host may have stopped reading).
+        got = self.lock.acquire(timeout=2.0)
+        try:
+            self.inner.close()
+        finally:
+            if got:
+                self.lock.release()
+
+
+class _SharedZmq:
+    """A ZeroMQ task socket shared by the main thread and the coroutine thread.
+
+    ZeroMQ sockets are not thread-safe, so one thread at a time touches it, under
+    ``cond``'s lock, except while the main thread waits for a message: it then polls
+    with the socket to itself (``polling``), and a sender that wants the socket wakes it
+    through a pipe and waits for it to step out.  The main thread does not poll again
+    while a sender waits.
+    """
+
+    def __init__(self, inner: _ZmqEnd) -> None:
+        import zmq
+
+        self.inner = inner
+        self.cond = threading.Condition()
+        self.polling = False
+        self.waiting = 0
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.poller = zmq.Poller()
+        self.poller.register(inner.sock, zmq.POLLIN)
+        self.poller.register(self.wake_r, zmq.POLLIN)
+
+    def send(self, frames: Sequence[Any]) -> None:
+        with self.cond:
+            if self.polling:
+                self.waiting += 1
+                try:
+                    try:
+                        os.write(self.wake_w, b"\0")
+                    except BlockingIOError:  # the pipe is full of wake-ups already
+                        pass
+                    while self.polling:
+                        self.cond.wait()
+                finally:
+                    self.waiting -= 1
+                try:
+                    self.inner.send(frames)
+                finally:
+                    self.cond.notify_all()  # the main thread waits for ``waiting == 0``
+                return
+            self.inner.send(frames)
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Main thread: True once a message can be received (False: ``timeout`` passed)."""
+        sock = self.inner.sock
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.cond:
+                while self.waiting:
+                    self.cond.wait()
+                self.polling = True
+            try:
+                if deadline is None:
+                    ms = None
+                else:
+                    ms = max(0, int((deadline - time.monotonic()) * 1000))
+                ready = dict(self.poller.poll(ms))
+            finally:
+                with self.cond:
+                    self.polling = False
+                    try:
+                        while os.read(self.wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    self.cond.notify_all()
+            if sock in ready:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def recv(self) -> list[Any]:
+        self._wait(None)
+        with self.cond:
+            return self.inner.recv()  # a whole message is there: this does not block
+
+    def poll(self, timeout: float | None) -> bool:
+        return self._wait(timeout)
+
+    def close(self) -> None:
+        with self.cond:
+            self.inner.close()
+
+
 class _Forward(io.TextIOBase):
     """A daemon's stdout or stderr, forwarded to the host as Output messages.
 
@@ -201,17 +330,18 @@ class _Forward(io.TextIOBase):
         return len(s)
 
     def flush(self) -> None:
-        if threading.get_ident() != self.daemon.main_ident:
+        me = threading.get_ident()
+        if me != self.daemon.main_ident and me != self.daemon.coro_ident:
             return
-        with self.lock:
+        with self.lock:  # held over the send: two flushing threads keep the text in order
             text = "".join(self.parts)
             self.parts.clear()
             self.size = 0
-        if text:
-            self.daemon.task.send(_protocol.encode(Output(self.name, text.encode())))
+            if text:
+                self.daemon.task.send(_protocol.encode(Output(self.name, text.encode())))
 
 
-_End = Union[_ZmqEnd, _ChannelEnd, _Forked]  # noqa: UP007 - a runtime alias on 3.10
+_End = Union[_ZmqEnd, _ChannelEnd, _Forked, _SharedChannel, _SharedZmq]  # noqa: UP007 - 3.10
 _CURRENT: Daemon | None = None
 
 
@@ -267,6 +397,17 @@ class Daemon:
         self.seen_order: deque[int] = deque()
         self.async_task: Any = None  # asyncio.Task of a running coroutine
         self.loop: Any = None  # asyncio loop, created on first coroutine
+        # concurrency > 1: coroutines run on their own loop in the coroutine thread
+        self.concurrency = 1
+        self.coro_loop: asyncio.AbstractEventLoop | None = None
+        self.coro_ident: int | None = None  # the coroutine thread
+        self.coro_ids: set[int] = set()  # coroutine tasks handed over, not yet answered
+        self.coro_cancels: set[int] = set()  # ... of which the host cancelled these
+        self.coro_tasks: dict[int, asyncio.Future[Any]] = {}  # coroutine thread only
+        self.coro_last = 0.0  # when the last coroutine finished (idletime)
+        self.finishing = 0  # coroutines that returned and whose reply is being sent
+        self.exiting = False
+        self.finish_cond = threading.Condition(self.lock)
         self.main_ident = threading.get_ident()
         self.maxtasks: int | None = None
         self.idletime: float | None = None
@@ -350,12 +491,16 @@ class Daemon:
                 while task_mon.poll(0):
                     task_mon.recv_multipart()
                     self.drops += 1
+                # The host counts a disconnect as loss after a short grace: a ping soon
+                # after (the task socket reconnects within ~0.1 s) says we are here.
+                next_ping = min(next_ping, now + 0.3)
             if mon in events:
                 while mon.poll(0):
                     ev = mon.recv_multipart()
                     code = int.from_bytes(ev[0][:2], "little")
                     if code == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                         gone_since = None
+                        next_ping = now  # (re)connected: tell the host at once
                         continue
                     if code & failed and not refused:
                         refused = True
@@ -414,6 +559,10 @@ class Daemon:
                 else:
                     self.cancel_target = task_id
                     signal.pthread_kill(self.main_ident, signal.SIGINT)
+            elif task_id in self.coro_ids:  # a coroutine on the coroutine thread
+                if task_id not in self.coro_cancels and self.coro_loop is not None:
+                    self.coro_cancels.add(task_id)
+                    self.coro_loop.call_soon_threadsafe(self._cancel_coro, task_id)
             else:
                 if len(self.precancelled) > 10_000:  # stale ids of tasks that finished
                     self.precancelled.clear()
@@ -447,6 +596,12 @@ class Daemon:
         self.maxtasks = cfg.get("maxtasks")
         self.idletime = cfg.get("idletime")
         self.walltime = cfg.get("walltime")
+        self.concurrency = max(1, int(cfg.get("concurrency") or 1))
+        if self.concurrency > 1:  # a second thread will send results: share the task end
+            if isinstance(self.task, _ChannelEnd):
+                self.task = _SharedChannel(self.task)
+            elif isinstance(self.task, _ZmqEnd):
+                self.task = _SharedZmq(self.task)
 
     def _after_fork_child(self) -> None:
         """In a process forked by a task: cut it off from the host's channels.
@@ -459,11 +614,15 @@ class Daemon:
         self.forked_from = self.pid
         self.pid = os.getpid()
         self.held = (self.task, self.ctrl_sock, self.ctx)  # never finalized in the child
+        inner = self.task.inner if isinstance(self.task, (_SharedChannel, _SharedZmq)) else None
         if isinstance(self.task, _ChannelEnd):
             self.task.close()
+        elif isinstance(inner, _ChannelEnd):
+            inner.sock.close()  # not under the shared lock: another thread may hold it
         if self.ctrl_channel is not None:
             self.ctrl_channel.sock.close()
         self.task = _Forked()
+        self.coro_loop = None  # the coroutine thread does not exist in this process
         self.ctrl_channel = None
         self.ctrl_sock = None
         if self.forwarders:
@@ -493,9 +652,14 @@ class Daemon:
                 return EXIT_REFUSED
             if isinstance(msg, Exit):
                 return EXIT_OK
+        end = self.task  # shared between threads now if concurrency > 1
+        multi = self.concurrency > 1
+        run_task = self._run_task_multi if multi else self._run_task
         idle = self.idletime
         while True:
             if idle is not None and not self.retiring and not end.poll(idle):
+                if multi and not self._idle_multi(idle):
+                    continue
                 self._retire("idletime")
                 continue
             try:
@@ -508,12 +672,15 @@ class Daemon:
                 print(f"asyncmirai daemon: dropped a bad message: {exc}", file=sys.stderr)
                 continue
             if isinstance(msg, Task):
-                self._run_task(msg)
+                run_task(msg)
             elif isinstance(msg, Setup):
                 self._run_setup(msg)
             elif isinstance(msg, Exit):
                 # After a Retire the host answers Exit; tasks it sent before seeing the
-                # Retire arrive first (one ordered socket), so none is dropped.
+                # Retire arrive first (one ordered socket), so none is dropped.  (An exit
+                # that must not wait comes on the control channel.)
+                if multi:
+                    self._finish_coroutines()
                 return EXIT_OK
 
     def _retire_reason(self) -> str:
@@ -527,7 +694,10 @@ class Daemon:
 
     def _retire(self, reason: str) -> None:
         """Tell the host we retire; keep serving until it answers Exit."""
-        self.retiring = True
+        with self.lock:  # with coroutines, two threads may decide it at once
+            if self.retiring:
+                return
+            self.retiring = True
         self.task.send(_protocol.encode(Retire(reason)))
 
     def _payload(self, body: Any, descriptors: list[Any], buffers: Sequence[Any]) -> Any:
@@ -613,6 +783,213 @@ class Daemon:
         if why:
             self._retire(why)
 
+    # -- concurrency > 1 -----------------------------------------------------------
+    def _run_task_multi(self, msg: Task) -> None:
+        """``_run_task`` when the daemon runs several tasks at once (main thread).
+
+        The function is called here: a plain one runs to its end (and may be cancelled
+        by SIGINT, as with one task at a time); an awaitable it returns is handed to the
+        coroutine thread, which replies for it, and this returns at once.
+        """
+        tid = msg.id
+        value: Any = None
+        try:
+            try:
+                with self.lock:
+                    if tid in self.revoked:
+                        self.revoked.discard(tid)
+                        return
+                    self.seen.add(tid)
+                    self.seen_order.append(tid)
+                    if len(self.seen_order) > 4096:
+                        self.seen.discard(self.seen_order.popleft())
+                    if self.retiring:
+                        self.task.send(_protocol.encode(Cancelled(tid, revoked=True)))
+                        return
+                    if tid in self.precancelled:
+                        self.precancelled.discard(tid)
+                        raise _HostCancel()
+                    self.current = tid
+                if msg.extra:
+                    apply_seed(msg.extra.get("seed"))
+                kind, fn, args, kwargs = _codecs.loads(
+                    msg.body, msg.descriptors, msg.buffers, self.table
+                )
+                if kind == CODE:
+                    value = eval_code(fn, dict(kwargs))
+                else:
+                    value = fn(*args, **kwargs)
+                    if hasattr(value, "__await__"):
+                        loop = self._coroutine_loop()
+                        with self.lock:
+                            # A cancel that found this task in ``current`` chose SIGINT;
+                            # its signal may not have been handled yet: honour it here.
+                            # Otherwise no SIGINT aims at this task and nothing below
+                            # can raise _HostCancel.
+                            if self.cancel_target == tid:
+                                self.cancel_target = None
+                                raise _HostCancel()
+                            self.current = None
+                            self.coro_ids.add(tid)
+                            loop.call_soon_threadsafe(self._start_coro, tid, value)
+                        return
+                ok = True
+            except _HostCancel:
+                raise
+            except BaseException as exc:
+                value, ok = error_record(exc), False
+            with self.lock:
+                self.current = None
+                self.cancel_target = None
+        except _HostCancel:
+            with self.lock:
+                self.current = None
+                self.cancel_target = None
+            close = getattr(value, "close", None)  # a coroutine that will never run
+            if close is not None and hasattr(value, "__await__"):
+                close()
+            why = self._count_done()
+            if why:
+                self.task.send(_protocol.encode(Retire(why)))
+            self.task.send(_protocol.encode(Cancelled(tid)))
+            self.last_done = tid
+            return
+        why = self._count_done()
+        if why:  # before the reply, so the host sends no other task
+            self.task.send(_protocol.encode(Retire(why)))
+        self._reply(tid, ok, value)
+        self.done_drops = self.drops
+        self.last_done = tid
+
+    def _count_done(self) -> str:
+        """One more task finished.  Returns why the daemon retires now, or "": the
+        caller then sends Retire before the reply (once: ``retiring`` is set here)."""
+        with self.lock:
+            self.done += 1
+            why = self._retire_reason()
+            if why:
+                self.retiring = True
+        return why
+
+    def _coroutine_loop(self) -> asyncio.AbstractEventLoop:
+        """The coroutine thread's loop; started on first use (main thread)."""
+        loop = self.coro_loop
+        if loop is not None:
+            return loop
+        import asyncio
+
+        loop = asyncio.new_event_loop()
+        # Set before the thread starts: calls queued before its loop runs wait for it.
+        self.coro_loop = loop
+
+        def serve() -> None:
+            self.coro_ident = threading.get_ident()
+            asyncio.set_event_loop(loop)
+            while True:
+                try:
+                    loop.run_forever()
+                    return  # stopped (exit)
+                except BaseException:
+                    # KeyboardInterrupt or SystemExit from a task leaves run_forever;
+                    # the task holds it as its exception and is answered as an error.
+                    continue
+
+        threading.Thread(target=serve, name="asyncmirai-coroutines", daemon=True).start()
+        return loop
+
+    def _start_coro(self, tid: int, awaitable: Any) -> None:
+        """Coroutine thread: run the task's awaitable; ``_coro_done`` replies for it."""
+        import asyncio
+
+        loop = self.coro_loop
+        assert loop is not None
+        try:
+            fut = asyncio.ensure_future(awaitable, loop=loop)
+        except BaseException as exc:  # not something this loop can await
+            fut = loop.create_future()
+            fut.set_exception(exc)
+        self.coro_tasks[tid] = fut
+        fut.add_done_callback(lambda f: self._coro_done(tid, f))
+
+    def _cancel_coro(self, tid: int) -> None:
+        """Coroutine thread: the host cancelled ``tid`` (it may have finished already)."""
+        fut = self.coro_tasks.get(tid)
+        if fut is not None:
+            fut.cancel()
+
+    def _coro_done(self, tid: int, fut: asyncio.Future[Any]) -> None:
+        """Coroutine thread: answer a finished coroutine, exactly once."""
+        self.coro_tasks.pop(tid, None)
+        with self.lock:
+            if self.exiting:
+                return
+            self.coro_ids.discard(tid)
+            asked = tid in self.coro_cancels
+            self.coro_cancels.discard(tid)
+            self.finishing += 1
+            self.coro_last = time.monotonic()
+        try:
+            why = self._count_done()
+            if why:
+                self.task.send(_protocol.encode(Retire(why)))
+            if fut.cancelled():
+                if asked:
+                    self.task.send(_protocol.encode(Cancelled(tid)))
+                    self.last_done = tid
+                    return
+                import asyncio
+
+                value, ok = error_record(asyncio.CancelledError()), False
+            else:
+                exc = fut.exception()
+                if exc is None:
+                    value, ok = fut.result(), True
+                else:
+                    value, ok = error_record(exc), False
+            self._reply(tid, ok, value)
+            self.done_drops = self.drops
+            self.last_done = tid
+        except BaseException as exc:  # the task end is gone; the main thread sees it too
+            print(f"asyncmirai daemon: cannot reply for task {tid}: {exc!r}", file=sys.stderr)
+        finally:
+            with self.lock:
+                self.finishing -= 1
+                self.finish_cond.notify_all()
+
+    def _setup_multi(self, msg: Setup) -> Any:
+        """An ``everywhere()`` call when coroutines run on the coroutine thread: an
+        awaitable it returns runs there too (so what it creates, a client or a pool,
+        belongs to the loop the tasks run on); the main thread waits for it."""
+        kind, fn, args, kwargs = _codecs.loads(msg.body, msg.descriptors, msg.buffers, self.table)
+        if kind == CODE:
+            return eval_code(fn, dict(kwargs))
+        value = fn(*args, **kwargs)
+        if not hasattr(value, "__await__"):
+            return value
+        import asyncio
+
+        async def runner() -> Any:
+            return await value
+
+        return asyncio.run_coroutine_threadsafe(runner(), self._coroutine_loop()).result()
+
+    def _idle_multi(self, idle: float) -> bool:
+        """No message for ``idle`` seconds: is the daemon really idle (no coroutine runs
+        and none finished within ``idle`` seconds)?"""
+        with self.lock:
+            if self.coro_ids or self.finishing:
+                return False
+            return time.monotonic() - self.coro_last >= idle
+
+    def _finish_coroutines(self) -> None:
+        """Exit on the task channel (the host's answer to Retire): the coroutines still
+        in flight run to their end (or their cancel) and reply first.  The host sends no
+        new task after a Retire; to end at once it sends Exit on the control channel."""
+        with self.lock:
+            while self.coro_ids or self.finishing:
+                self.finish_cond.wait()
+            self.exiting = True
+
     def forward_output(self) -> None:
         """Send what is printed to stdout/stderr to the host (remote daemons)."""
         self.forwarders = [_Forward("stdout", self), _Forward("stderr", self)]
@@ -624,7 +1001,10 @@ class Daemon:
 
     def _run_setup(self, msg: Setup) -> None:
         try:
-            value, ok = self._payload(msg.body, msg.descriptors, msg.buffers), True
+            if self.concurrency > 1:
+                value, ok = self._setup_multi(msg), True
+            else:
+                value, ok = self._payload(msg.body, msg.descriptors, msg.buffers), True
         except BaseException as exc:
             value, ok = error_record(exc), False
         self._reply(msg.id, ok, value)
