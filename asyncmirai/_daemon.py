@@ -41,16 +41,18 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, Union
 
-from . import _codecs, _protocol
-from ._call import CODE, apply_seed, error_record, eval_code
+from . import _codecs, _otel, _protocol
+from ._call import CODE, apply_seed, drop_put, error_record, eval_code, store_put
 from ._errors import RemoteProtocolError
 from ._protocol import (
     Cancel,
     Cancelled,
+    Drop,
     Exit,
     Hello,
     Output,
     Ping,
+    Put,
     Refuse,
     Retire,
     Setup,
@@ -596,6 +598,10 @@ class Daemon:
         self.maxtasks = cfg.get("maxtasks")
         self.idletime = cfg.get("idletime")
         self.walltime = cfg.get("walltime")
+        if cfg.get("log_level") is not None:  # daemons(log_level=): records to the host
+            from ._logs import install
+
+            install(self, cfg["log_level"])
         self.concurrency = max(1, int(cfg.get("concurrency") or 1))
         if self.concurrency > 1:  # a second thread will send results: share the task end
             if isinstance(self.task, _ChannelEnd):
@@ -675,6 +681,10 @@ class Daemon:
                 run_task(msg)
             elif isinstance(msg, Setup):
                 self._run_setup(msg)
+            elif isinstance(msg, Put):  # an am.put object, before the task that uses it
+                self._store_put(msg)
+            elif isinstance(msg, Drop):
+                drop_put(msg.id)
             elif isinstance(msg, Exit):
                 # After a Retire the host answers Exit; tasks it sent before seeing the
                 # Retire arrive first (one ordered socket), so none is dropped.  (An exit
@@ -682,6 +692,16 @@ class Daemon:
                 if multi:
                     self._finish_coroutines()
                 return EXIT_OK
+
+    def _store_put(self, msg: Put) -> None:
+        """Cache an ``am.put`` object; one that fails to decode is stored as its error,
+        raised by every task that uses it."""
+        try:
+            store_put(msg.id, _codecs.loads(msg.body, msg.descriptors, msg.buffers, self.table))
+        except Exception as exc:
+            print(f"asyncmirai daemon: am.put object {msg.id} failed to decode: {exc}",
+                  file=sys.stderr)
+            drop_put(msg.id)
 
     def _retire_reason(self) -> str:
         if self.retiring:
@@ -752,9 +772,15 @@ class Daemon:
                         self.precancelled.discard(tid)
                         raise _HostCancel()
                     self.current = tid
+                span = None
                 if msg.extra:
                     apply_seed(msg.extra.get("seed"))
-                value = self._payload(msg.body, msg.descriptors, msg.buffers)
+                    span = _otel.daemon_span(msg.extra, tid)  # None unless traced here
+                if span is None:
+                    value = self._payload(msg.body, msg.descriptors, msg.buffers)
+                else:
+                    with span:
+                        value = self._payload(msg.body, msg.descriptors, msg.buffers)
                 ok = True
             except _HostCancel:
                 raise
@@ -1001,10 +1027,11 @@ class Daemon:
 
     def _run_setup(self, msg: Setup) -> None:
         try:
-            if self.concurrency > 1:
-                value, ok = self._setup_multi(msg), True
-            else:
-                value, ok = self._payload(msg.body, msg.descriptors, msg.buffers), True
+            with _otel.setup_span(msg.extra, msg.id):
+                if self.concurrency > 1:
+                    value, ok = self._setup_multi(msg), True
+                else:
+                    value, ok = self._payload(msg.body, msg.descriptors, msg.buffers), True
         except BaseException as exc:
             value, ok = error_record(exc), False
         self._reply(msg.id, ok, value)

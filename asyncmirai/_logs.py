@@ -81,7 +81,7 @@ class ToHost(logging.Handler):
     def flush(self) -> None:
         d = self.daemon
         me = threading.get_ident()
-        if me != d.main_ident and me != getattr(d, "coro_ident", None):
+        if me != d.main_ident and me != d.coro_ident:
             return
         if os.getpid() != self.pid or not self.pending:
             return
