@@ -186,7 +186,7 @@ class Daemon:
         self.slots = 1  # tasks it may run at once (``daemons(concurrency=)``)
         self.running: dict[int, Job] = {}  # sent to run, by id (at most ``slots``)
         self.next: Job | None = None  # prefetched behind a full ``running``
-        self.puts: dict[int, Any] = {}  # am.put objects it holds, least recent first
+        self.puts: dict[int, Any] = {}  # am.put ids it holds -> their Drop, LRU first
         self.replay: deque[Setup] = deque()  # setups sent to it and not yet answered
         self.ready = False  # connected and its setups replayed: healthy
         self.retiring = False
@@ -380,18 +380,19 @@ class Scheduler:
                 puts[ref.id] = puts.pop(ref.id)  # most recently used last
                 continue
             self.out.append((SEND, d, ref.frames, None))
-            puts[ref.id] = ref
+            # The Drop message only: holding the reference would keep it from ever
+            # being collected on the host.
+            puts[ref.id] = ref.drop_frames
         while len(puts) > PUT_CACHE_ENTRIES:
             old_id = next(iter(puts))
-            old = puts.pop(old_id)
-            self.out.append((SEND, d, old.drop_frames, None))
+            self.out.append((SEND, d, puts.pop(old_id), None))
 
     def forget_put(self, put_id: int) -> None:
         """An ``am.put`` reference was collected on the host: daemons drop the object."""
         for d in self.daemons.values():
-            ref = d.puts.pop(put_id, None)
-            if ref is not None:
-                self.out.append((SEND, d, ref.drop_frames, None))
+            drop = d.puts.pop(put_id, None)
+            if drop is not None:
+                self.out.append((SEND, d, drop, None))
 
     def _pop(self) -> Job | None:
         queue = self.queue
