@@ -54,3 +54,12 @@ def test_torch_model() -> None:
     assert "param shapes: [(20, 1, 5, 5), (20,), (20, 1, 5, 5), (20,)]" in lines
     assert "backward through conv1 on the host: grad shape (20, 1, 5, 5)" in lines
     assert lines[-2:] == [">>> am.daemons(0)", "0"]
+
+
+def test_sklearn_grid() -> None:
+    pytest.importorskip("sklearn")
+    lines = run_example("sklearn_grid.py").splitlines()
+    assert lines[0].startswith("best params: {") and "'kernel'" in lines[0]
+    assert lines[1].startswith("best score: 0.9")
+    assert "same as sequential: True" in lines
+    assert "fits run as daemon tasks: True" in lines
