@@ -252,7 +252,8 @@ class Dispatcher:
                 self.kill(act[1])
             elif op == SPAWN:
                 self._spawn(act[1])
-        self._arm()
+        if self.sched._heap:  # most tasks have no deadline: no call at all
+            self._arm()
 
     def _spawn(self, k: int) -> None:
         """Perform a SPAWN; a spawner that raises (EMFILE from a socketpair, say) before
