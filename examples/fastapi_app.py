@@ -28,10 +28,31 @@ Endpoints:
 The daemons live exactly as long as the app: ``async with am.daemons(2)`` wraps the
 lifespan's ``yield``, so shutting the app down resets the profile and the daemon
 processes exit (and unfinished jobs fail with ``am.DaemonError``).
+
+Tracing (optional).  With ``opentelemetry-sdk`` installed and an ``OTEL_*`` variable set
+(``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_ENDPOINT``,
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_SERVICE_NAME``), each request gets a
+server span (``GET /square/{x}``) and the mirai it awaits get asyncmirai's host spans
+as its children, so the trace shows where the request's time went::
+
+    OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318 python examples/fastapi_app.py
+    OTEL_TRACES_EXPORTER=console python examples/fastapi_app.py   # spans on stdout
+
+A tracer provider already set (``opentelemetry-instrument``, or your own code before
+this module is imported) is used as it is; otherwise one is made here, exporting over
+OTLP (``opentelemetry-exporter-otlp``, HTTP unless ``OTEL_EXPORTER_OTLP_PROTOCOL=grpc``)
+or, without that package or with ``OTEL_TRACES_EXPORTER=console``, to stdout.  The
+request spans come from FastAPI itself in the versions that have ``fastapi.telemetry``;
+with older ones, from ``opentelemetry-instrumentation-fastapi`` when it is installed,
+else from :class:`RequestSpans` below.  Without OpenTelemetry nothing changes.  The daemons'
+own spans (``run square``) need a tracer provider on each daemon: see the README's
+"Observability" section (``am.everywhere(setup_tracing)``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import time
 import uuid
@@ -92,6 +113,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     # here the profile is reset and the daemon processes have exited
     app.state.jobs.clear()
+    if TRACER_PROVIDER is not None:  # ours: export what is buffered before we go
+        TRACER_PROVIDER.force_flush()
 
 
 app = FastAPI(title="asyncmirai + FastAPI", lifespan=lifespan)
@@ -187,6 +210,139 @@ async def profile_status() -> dict[str, Any]:
         "memory": s.memory,
         "info": am.info(),
     }
+
+
+# -- optional tracing ------------------------------------------------------------------
+log = logging.getLogger(__name__)
+
+OTEL_VARS = (
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+)
+
+
+def tracing_requested(environ: Any = os.environ) -> bool:
+    """An ``OTEL_*`` variable asks for traces (and none turns them off)."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return False
+    return any(environ.get(name) for name in OTEL_VARS)
+
+
+class RequestSpans:
+    """ASGI middleware: one server span per HTTP request, current while the app handles
+    it (so the mirai awaited there are its children).  It continues an incoming
+    ``traceparent``, and is named ``"{method} {route}"`` with the semantic-convention
+    attributes.  (What ``opentelemetry-instrumentation-fastapi`` does, in brief.)"""
+
+    def __init__(self, app: Any) -> None:
+        from opentelemetry import trace
+
+        self.app = app
+        self.tracer = trace.get_tracer(__name__)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from opentelemetry import propagate, trace
+        from opentelemetry.trace import Status, StatusCode
+
+        method = scope["method"]
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        attributes = {
+            "http.request.method": method,
+            "url.path": scope["path"],
+            "url.scheme": scope.get("scheme", "http"),
+        }
+        with self.tracer.start_as_current_span(
+            method,
+            context=propagate.extract(headers),
+            kind=trace.SpanKind.SERVER,
+            attributes=attributes,
+        ) as span:
+
+            async def send_traced(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    span.set_attribute("http.response.status_code", message["status"])
+                    if message["status"] >= 500:
+                        span.set_status(Status(StatusCode.ERROR))
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_traced)
+            finally:
+                route = getattr(scope.get("route"), "path", None)  # set by the router
+                if route:
+                    span.set_attribute("http.route", route)
+                    span.update_name(f"{method} {route}")
+
+
+def _span_exporter() -> Any:
+    """OTLP when the exporter package is installed (and not asked for the console)."""
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console":
+        return ConsoleSpanExporter(out=sys.stdout)  # the one of now (not of SDK import)
+    grpc = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip().lower() == "grpc"
+    try:
+        if grpc:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError:
+        log.warning("opentelemetry-exporter-otlp is not installed: spans go to stdout")
+        return ConsoleSpanExporter(out=sys.stdout)
+    return OTLPSpanExporter()  # endpoint, headers, ...: the OTEL_EXPORTER_OTLP_* variables
+
+
+def setup_tracing(app: FastAPI) -> tuple[str | None, Any]:
+    """Trace ``app``'s requests: ``(how, provider)`` where ``how`` names what opens the
+    request spans (``"fastapi"``, ``"opentelemetry-instrumentation-fastapi"`` or
+    ``"middleware"``; None: the SDK is not installed) and ``provider`` is the tracer
+    provider made here (None when one was already set)."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        log.warning("OTEL_* is set but opentelemetry-sdk is not installed: no tracing")
+        return None, None
+    provider = None
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):  # none set yet
+        attributes = {}
+        if not os.environ.get("OTEL_SERVICE_NAME"):
+            attributes["service.name"] = "asyncmirai-fastapi"
+        provider = TracerProvider(resource=Resource.create(attributes))  # + OTEL_RESOURCE_*
+        provider.add_span_processor(BatchSpanProcessor(_span_exporter()))
+        trace.set_tracer_provider(provider)
+    if _fastapi_traces_requests():
+        return "fastapi", provider
+    try:
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    except ImportError:
+        app.add_middleware(RequestSpans)
+        return "middleware", provider
+    FastAPIInstrumentor.instrument_app(app, exclude_spans=["receive", "send"])
+    return "opentelemetry-instrumentation-fastapi", provider
+
+
+def _fastapi_traces_requests() -> bool:
+    """Recent FastAPI versions (``fastapi.telemetry``) open a server span per request
+    themselves (and spans for dependencies, the endpoint and serialization) once a
+    tracer provider is set: nothing to add then."""
+    try:
+        import fastapi.telemetry  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+TRACING, TRACER_PROVIDER = setup_tracing(app) if tracing_requested() else (None, None)
 
 
 if __name__ == "__main__":

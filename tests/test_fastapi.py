@@ -2,16 +2,20 @@
 
 TestClient runs the app (and its lifespan, hence the dispatcher) on an event loop in a
 portal thread; httpx.AsyncClient + ASGITransport runs it on the test's own loop.
+
+The tracing tests load fresh copies of the example with ``OTEL_*`` variables set, as a
+deployment would start it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from types import ModuleType
 from typing import Any
 
@@ -29,18 +33,26 @@ APP_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", 
 MODULE_NAME = "asyncmirai_example_fastapi_app"
 
 
-def load_app_module() -> ModuleType:
-    mod = sys.modules.get(MODULE_NAME)
+def load_app_module(name: str = MODULE_NAME, env: dict[str, str] | None = None) -> ModuleType:
+    """The example imported as module ``name`` (once), with exactly the ``OTEL_*``
+    variables of ``env`` set while it is imported (none by default: a developer's
+    environment must not turn tracing on for the plain tests)."""
+    mod = sys.modules.get(name)
     if mod is not None:
         return mod
-    spec = importlib.util.spec_from_file_location(MODULE_NAME, APP_PATH)
+    spec = importlib.util.spec_from_file_location(name, APP_PATH)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[MODULE_NAME] = mod
+    sys.modules[name] = mod
     try:
-        spec.loader.exec_module(mod)
+        with pytest.MonkeyPatch.context() as mp:
+            for var in [v for v in os.environ if v.startswith("OTEL_")]:
+                mp.delenv(var)
+            for var, value in (env or {}).items():
+                mp.setenv(var, value)
+            spec.loader.exec_module(mod)
     except BaseException:
-        del sys.modules[MODULE_NAME]
+        del sys.modules[name]
         raise
     return mod
 
@@ -275,3 +287,218 @@ def test_full_budget_answers_503_with_retry_after(example: ModuleType, monkeypat
 def test_fetch_runs_async_tasks_on_the_io_profile(client: Any) -> None:
     r = client.get("/fetch/20", params={"delay": 0.01})
     assert r.json() == {"n": 20, "sum": sum(range(20))}
+
+
+# -- optional tracing --------------------------------------------------------------------
+def _reset_tracer_provider() -> None:
+    """Forget the global tracer provider (as tests/test_otel.py does), so the next test
+    can set one and the rest of the session runs without one."""
+    from opentelemetry import trace
+    from opentelemetry.util._once import Once
+
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
+    trace._TRACER_PROVIDER = None
+
+
+@pytest.fixture
+def spans() -> Iterator[Any]:
+    """The SDK's in-memory exporter behind the global tracer provider."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from asyncmirai import _otel
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _reset_tracer_provider()
+    trace.set_tracer_provider(provider)
+    try:
+        yield exporter
+    finally:
+        _reset_tracer_provider()
+        provider.shutdown()
+    assert not _otel.RECORDS, "a traced task was never resolved"
+
+
+@contextmanager
+def fresh_example(name: str, env: dict[str, str]) -> Iterator[ModuleType]:
+    """A copy of the example imported under ``name`` with ``env`` set; dropped after."""
+    full = f"{MODULE_NAME}_{name}"
+    try:
+        yield load_app_module(full, env)
+    finally:
+        sys.modules.pop(full, None)
+
+
+#: what opens the request spans -> the instrumentation scope of those spans
+REQUEST_SCOPES = {
+    "fastapi": "fastapi",
+    "opentelemetry-instrumentation-fastapi": "opentelemetry.instrumentation.fastapi",
+    "middleware": f"{MODULE_NAME}_traced_middleware",
+}
+
+
+@pytest.fixture(params=list(REQUEST_SCOPES))
+def traced_example(request: pytest.FixtureRequest, spans: Any) -> Iterator[ModuleType]:
+    """The example started with ``OTEL_TRACES_EXPORTER`` set while a tracer provider is
+    already set (it keeps that one).  Its requests are traced by FastAPI's own telemetry
+    where it has one, else by ``opentelemetry-instrumentation-fastapi``, else by the
+    example's middleware; the later choices are forced by hiding the earlier ones."""
+    how = request.param
+    with ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as mp:  # undone once the example is imported
+            if how == "fastapi":
+                pytest.importorskip("fastapi.telemetry")
+            else:
+                mp.setitem(sys.modules, "fastapi.telemetry", None)  # as in older FastAPI
+            if how == "opentelemetry-instrumentation-fastapi":
+                pytest.importorskip("opentelemetry.instrumentation.fastapi")
+            if how == "middleware":
+                mp.setitem(sys.modules, "opentelemetry.instrumentation.fastapi", None)
+            name = f"traced_{how.replace('-', '_')}"
+            mod = stack.enter_context(fresh_example(name, {"OTEL_TRACES_EXPORTER": "console"}))
+        assert mod.TRACING == how
+        assert mod.TRACER_PROVIDER is None  # the provider already set is used, not replaced
+        yield mod
+
+
+def _chain(span: Any, by_id: dict[int, Any]) -> list[Any]:
+    """``span``'s ancestors among the finished spans, nearest first."""
+    out = []
+    while span.parent is not None and span.parent.span_id in by_id:
+        span = by_id[span.parent.span_id]
+        out.append(span)
+    return out
+
+
+def test_request_span_contains_the_task_spans(traced_example: ModuleType, spans: Any) -> None:
+    from fastapi.testclient import TestClient
+    from opentelemetry.trace import SpanKind
+
+    caller_trace, caller_span = 0x5CE17A5CE17A5CE17A5CE17A5CE17A5C, 0x0123456789ABCDEF
+    traceparent = f"00-{caller_trace:032x}-{caller_span:016x}-01"
+    with TestClient(traced_example.app) as c:
+        assert c.get("/square/7", headers={"traceparent": traceparent}).json()["square"] == 49
+        assert c.get("/fetch/3", params={"delay": 0.01}).json() == {"n": 3, "sum": 3}
+    finished = list(spans.get_finished_spans())
+    by_id = {s.context.span_id: s for s in finished}
+    names = [(s.name, s.instrumentation_scope.name) for s in finished]
+    scope = REQUEST_SCOPES[traced_example.TRACING]
+
+    def server(route: str) -> Any:
+        """The request's span, from the instrumentation the example chose."""
+        found = [
+            s
+            for s in finished
+            if s.kind == SpanKind.SERVER
+            and s.instrumentation_scope.name == scope
+            and s.name == f"GET {route}"
+        ]
+        assert len(found) == 1, names
+        attrs = dict(found[0].attributes or {})
+        assert attrs["http.route"] == route
+        # (the instrumentation package uses the older name unless told otherwise)
+        assert attrs.get("http.response.status_code", attrs.get("http.status_code")) == 200
+        return found[0]
+
+    def host_spans(name: str) -> list[Any]:
+        return [
+            s for s in finished if s.name == name and s.instrumentation_scope.name == "asyncmirai"
+        ]
+
+    def inside(inner: Any, outer: Any) -> None:
+        assert inner.context.trace_id == outer.context.trace_id
+        assert outer in _chain(inner, by_id), (inner.name, [a.name for a in _chain(inner, by_id)])
+        assert outer.start_time <= inner.start_time and inner.end_time <= outer.end_time
+
+    # /square/7: the request continues the caller's trace; the mirai's span is inside it
+    request = server("/square/{x}")
+    assert request.context.trace_id == caller_trace
+    assert request.parent is not None and request.parent.span_id == caller_span
+    [square] = host_spans("square")
+    assert square.kind == SpanKind.CLIENT
+    inside(square, request)
+    attrs = dict(square.attributes or {})
+    assert attrs["asyncmirai.outcome"] == "value" and attrs["asyncmirai.daemon.pid"] > 0
+
+    # /fetch/3: a new trace; request > "mirai_map fetch" > one "fetch" per task (chunk)
+    request = server("/fetch/{n}")
+    assert request.context.trace_id != caller_trace
+    [group] = host_spans("mirai_map fetch")
+    inside(group, request)
+    fetches = host_spans("fetch")
+    assert fetches, names
+    for s in fetches:
+        inside(s, request)
+        assert s.parent is not None and s.parent.span_id == group.context.span_id
+        assert dict(s.attributes or {})["asyncmirai.compute"] == "io"
+    assert len(host_spans("square") + host_spans("mirai_map fetch") + fetches) == len(
+        [s for s in finished if s.instrumentation_scope.name == "asyncmirai"]
+    ), names
+
+
+@pytest.mark.parametrize("asked", ["console", "otlp"])
+def test_console_exporter_when_no_provider_is_set(
+    asked: str, capsys: Any, caplog: Any, monkeypatch: Any
+) -> None:
+    """No provider set: the example makes one from the ``OTEL_*`` variables and flushes
+    it when the app shuts down.  Spans go to stdout when the console exporter is asked
+    for, or OTLP is but ``opentelemetry-exporter-otlp`` is not installed (hidden here)."""
+    pytest.importorskip("opentelemetry.sdk")
+    from fastapi.testclient import TestClient
+    from opentelemetry import trace
+
+    if asked == "console":
+        env = {"OTEL_TRACES_EXPORTER": "console"}
+    else:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}  # never dialled
+        for proto in ("http", "grpc"):
+            exporter = f"opentelemetry.exporter.otlp.proto.{proto}.trace_exporter"
+            monkeypatch.setitem(sys.modules, exporter, None)
+    _reset_tracer_provider()
+    try:
+        with fresh_example(f"console_{asked}", env) as mod:
+            provider: Any = mod.TRACER_PROVIDER
+            assert provider is not None
+            assert trace.get_tracer_provider() is mod.TRACER_PROVIDER
+            with TestClient(mod.app) as c:
+                assert c.get("/square/7").json()["square"] == 49
+            out = capsys.readouterr().out  # the lifespan's exit flushed the batch
+            provider.shutdown()
+    finally:
+        _reset_tracer_provider()
+    assert '"name": "GET /square/{x}"' in out, out
+    assert '"name": "square"' in out, out
+    assert '"service.name": "asyncmirai-fastapi"' in out, out
+    warned = "opentelemetry-exporter-otlp is not installed" in caplog.text
+    assert warned == (asked == "otlp"), caplog.text
+
+
+def test_works_without_the_opentelemetry_sdk() -> None:
+    """OTEL_* set, but the SDK cannot be imported (a process where it is blocked; recent
+    FastAPI versions need ``opentelemetry-api`` themselves): the app serves, untraced."""
+    code = (
+        "import importlib.util, sys\n"
+        "sys.modules['opentelemetry.sdk'] = None\n"  # import opentelemetry.sdk -> ImportError
+        f"spec = importlib.util.spec_from_file_location('fastapi_app', {APP_PATH!r})\n"
+        "mod = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['fastapi_app'] = mod\n"
+        "spec.loader.exec_module(mod)\n"
+        "assert mod.TRACING is None and mod.TRACER_PROVIDER is None\n"
+        "from fastapi.testclient import TestClient\n"
+        "with TestClient(mod.app) as c:\n"
+        "    assert c.get('/square/5').json()['square'] == 25\n"
+        "import asyncmirai as am\n"
+        "assert not am.daemons_set()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:9"  # never dialled
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90
+    )
+    assert r.returncode == 0, r.stderr
+    assert "opentelemetry-sdk is not installed" in r.stderr

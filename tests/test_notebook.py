@@ -55,6 +55,12 @@ def cell_with(nb: Any, snippet: str) -> Any:
     return found[0]
 
 
+def cell_exactly(nb: Any, source: str) -> Any:
+    found = [c for c in nb.cells if c.cell_type == "code" and c.source.strip() == source]
+    assert len(found) == 1, f"{len(found)} code cells are {source!r}"
+    return found[0]
+
+
 def text_of(cell: Any, stream: str | None = None) -> str:
     """The cell's printed text (``stream`` = "stdout"/"stderr") or its result's repr."""
     parts = []
@@ -104,12 +110,28 @@ def test_notebook_runs(tmp_path: Path) -> None:
     assert "value 40 ran on a daemon: True" in text_of(cell_with(nb, "def where"), "stdout")
     assert result_of(cell_with(nb, "math.hypot")) == "5.0"
 
-    status_out = text_of(cell_with(nb, "am.status()"), "stdout")
+    status_out = text_of(cell_with(nb, "daemon_pids = sorted"), "stdout")
     assert "connections 2" in status_out
     m = re.search(r"daemon pids \[([\d, ]+)\]", status_out)
     assert m, status_out
     daemon_pids = [int(p) for p in m.group(1).split(",")]
     assert len(daemon_pids) == 2
+
+    # the readable status: print() gives a text table, the cell's result an HTML table,
+    # each with one row per daemon, starting with its pid
+    table = text_of(cell_exactly(nb, "print(am.status())"), "stdout").splitlines()
+    assert any("connections 2" in line for line in table), table
+    header = [i for i, line in enumerate(table) if line.split()[:1] == ["pid"]]
+    assert len(header) == 1, table
+    rows = [line.split()[0] for line in table[header[0] + 1 :] if line.strip()]
+    assert sorted(map(int, rows)) == daemon_pids, table
+    status_cell = cell_exactly(nb, "am.status()")
+    [shown] = [o for o in status_cell.outputs if o.output_type == "execute_result"]
+    html = shown.data["text/html"]
+    assert "<table>" in html and "</table>" in html, html
+    assert re.search(r"<th>\s*pid\s*</th>", html), html
+    html_pids = re.findall(r"<tr>\s*<td>\s*(\d+)\s*</td>", html)
+    assert sorted(map(int, html_pids)) == daemon_pids, html
 
     map_cell = cell_with(nb, "_progress=True")
     assert ast.literal_eval(result_of(map_cell)) == [x * x for x in range(20)]
