@@ -95,12 +95,13 @@ def wait_connected(get: Any) -> list[int]:
 
 
 def settled(status: Any, pids: list[int]) -> None:
-    """After the cancels, the same daemons are idle well within cancel_grace (2 s): the
-    running jobs were interrupted, not killed and replaced."""
-    deadline = time.monotonic() + 1.5
+    """After the cancels, the same daemons are idle: the running jobs were interrupted,
+    not killed after cancel_grace and replaced (no respawn, the same pids)."""
+    deadline = time.monotonic() + 30
     while (st := status())["executing"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert st["executing"] == 0 and st["awaiting"] == 0, st
+    assert st["info"]["respawned"] == 0, f"a cancelled job's daemon was killed: {st}"
     assert st["connections"] == 2 and st["pids"] == pids, (
         f"a cancelled job's daemon was killed instead of interrupted: {pids} -> {st}"
     )
@@ -156,10 +157,8 @@ def test_job_cancel_frees_daemon(client: Any) -> None:
         assert r.json()["status"] == "cancelled"
     for job_id in ids:
         assert client.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
-    # the daemons were interrupted, not killed: a new request is served at once
-    t0 = time.monotonic()
+    # the daemons were interrupted, not killed: a new request is served
     assert client.get("/square/7").json()["square"] == 49
-    assert time.monotonic() - t0 < 10
     settled(lambda: client.get("/status").json(), pids)
     # cancelling a finished job changes nothing
     assert client.delete(f"/jobs/{ids[0]}").json()["status"] == "cancelled"
@@ -249,9 +248,10 @@ async def test_async_jobs(example: ModuleType, anyio_backend: str) -> None:
         with anyio.fail_after(10):  # both daemons are free again
             assert (await c.get("/square/8")).json()["square"] == 64
             assert (await c.get("/square/3")).json()["square"] == 9
-        with anyio.fail_after(1.5):  # well within cancel_grace (2 s)
+        with anyio.fail_after(30):
             while (st := (await c.get("/status")).json())["executing"]:
                 await anyio.sleep(0.02)
+        assert st["info"]["respawned"] == 0, f"a cancelled job's daemon was killed: {st}"
         assert st["connections"] == 2 and st["pids"] == pids, (
             f"a cancelled job's daemon was killed instead of interrupted: {pids} -> {st}"
         )
