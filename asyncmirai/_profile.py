@@ -231,8 +231,10 @@ class Profile:
         """Hand a task to the dispatcher (thread-safe)."""
         d = self.dispatcher
         assert d is not None
-        self.owner.check_open()
-        if self.owner.on_thread():
+        owner = self.owner
+        if owner.loop.is_closed():
+            owner.check_open()  # raises the clear error
+        if threading.get_ident() == owner.thread_id:
             d.submit(job)
         else:
             d.post(_SUBMIT, job)

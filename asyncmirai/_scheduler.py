@@ -345,7 +345,8 @@ class Scheduler:
             return
         idle = self.idle
         if idle and not self.queued:
-            self._give(job)
+            if self.budget is not None:
+                self._give(job)
             d, _ = idle.popitem()
             self._send(d, job, now)
             if len(d.running) < d.slots:
@@ -447,7 +448,7 @@ class Scheduler:
             job = self._pop()
             if job is None:
                 self.idle[d] = None
-                if not d.running:
+                if not d.running and self.prefetched:
                     self._revoke_for(now)
                 return
             self._send(d, job, now)
@@ -684,7 +685,8 @@ class Scheduler:
         del d.running[job.id]
         job.daemon = None
         job.frames = None
-        self._promote(d, now)
+        if d.next is not None:
+            self._promote(d, now)
         if d.retiring:
             if not d.running:
                 self.gone(d, "retired")
