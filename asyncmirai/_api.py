@@ -341,7 +341,7 @@ def _name(compute: str | None) -> str:
 
 
 def _profile(compute: str | None) -> Profile:
-    name = _name(compute)
+    name = _current.get() if compute is None else compute
     prof = profiles.get(name)
     if prof is None:
         raise RuntimeError(
@@ -618,8 +618,8 @@ def _encode_call(
     """Encode a call; handles and ``am.put`` references met in its arguments (at any
     depth) go to ``handles`` and ``refs``."""
     payload = (kind, fn, args, kwargs)
-    if not table._custom and _codecs._plain(payload):  # the per-task fast path: no
-        return pickle.dumps(payload, 5), [], []  # handle or reference can be in there
+    if not table._custom and _codecs.plain_call(fn, args, kwargs):  # the per-task fast
+        return pickle.dumps(payload, 5), [], []  # path: no handle or reference in there
     token = ARGUMENT_HANDLES.set(handles)
     token_refs = PUT_REFS.set(refs)
     try:

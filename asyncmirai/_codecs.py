@@ -498,6 +498,28 @@ def _plain(obj: Any, depth: int = 0) -> bool:
     return False
 
 
+def plain_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """``_plain((kind, fn, args, kwargs))`` for the shape of a task, in one call instead
+    of a dozen: the per-task path of ``mirai()`` (measured: ~10 fewer Python calls)."""
+    t = type(fn)
+    if t is str:
+        pass  # a code string
+    elif t is FunctionType or t is type:
+        ok = _by_ref_cache.get(fn)
+        if not (ok if ok is not None else _by_reference(fn)):
+            return False
+    elif t is BuiltinFunctionType:
+        if not (isinstance(getattr(fn, "__self__", None), ModuleType) and _by_reference(fn)):
+            return False
+    else:
+        return False
+    plain = _PLAIN_TYPES
+    for a in args:
+        if type(a) not in plain and not _plain(a, 1):
+            return False
+    return not kwargs or _plain(kwargs, 1)
+
+
 def dumps(obj: Any, table: CodecTable) -> tuple[bytes, list[Any], list[Buffer]]:
     """Serialize ``obj`` with pickle protocol 5, taking codec objects out of band.
 

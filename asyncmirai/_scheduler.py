@@ -348,8 +348,16 @@ class Scheduler:
             if self.budget is not None:
                 self._give(job)
             d, _ = idle.popitem()
-            self._send(d, job, now)
-            if len(d.running) < d.slots:
+            # _send for a daemon with a free slot, inlined: the per-task path
+            running = d.running
+            running[job.id] = job
+            d.sent_at = now
+            d.sent_drops = d.drops
+            job.daemon = d
+            if job.refs:
+                self._send_puts(d, job.refs)
+            self.out.append((SEND, d, job.frames, job))
+            if len(running) < d.slots:
                 idle[d] = None
         else:
             self.queue.append(job)
@@ -619,9 +627,13 @@ class Scheduler:
         d.disconnected_at = None
         job = d.running.get(tid)
         if job is not None:
-            if not job.done:
-                self.counters["completed"] += 1
-                self._resolve(job, state, value)
+            counters = self.counters
+            if not job.done:  # _resolve, inlined: the per-task path
+                counters["completed"] += 1
+                job.done = True
+                if state == ERROR:
+                    counters["failed"] += 1
+                self.out.append((RESOLVE, job.handle, state, value))
             d.done += 1
             self._finished(d, job, now)
             return
