@@ -406,6 +406,8 @@ class Daemon:
         self.coro_ids: set[int] = set()  # coroutine tasks handed over, not yet answered
         self.coro_cancels: set[int] = set()  # ... of which the host cancelled these
         self.coro_tasks: dict[int, asyncio.Future[Any]] = {}  # coroutine thread only
+        self.coro_inbox: deque[tuple[int, Any]] = deque()  # main thread -> coroutine thread
+        self.coro_posted = False
         self.coro_last = 0.0  # when the last coroutine finished (idletime)
         self.finishing = 0  # coroutines that returned and whose reply is being sent
         self.exiting = False
@@ -857,7 +859,13 @@ class Daemon:
                                 raise _HostCancel()
                             self.current = None
                             self.coro_ids.add(tid)
-                            loop.call_soon_threadsafe(self._start_coro, tid, value)
+                            # Batched: a burst of k tasks wakes the coroutine thread once
+                            # (one self-pipe write), not k times.  A cancel posted later
+                            # still runs after the drain that starts this task.
+                            self.coro_inbox.append((tid, value))
+                            if not self.coro_posted:
+                                self.coro_posted = True
+                                loop.call_soon_threadsafe(self._drain_coros)
                         return
                 ok = True
             except _HostCancel:
@@ -922,6 +930,14 @@ class Daemon:
 
         threading.Thread(target=serve, name="asyncmirai-coroutines", daemon=True).start()
         return loop
+
+    def _drain_coros(self) -> None:
+        """Coroutine thread: start every coroutine the main thread handed over."""
+        self.coro_posted = False  # before draining: a later hand-over posts again
+        inbox = self.coro_inbox
+        while inbox:
+            tid, awaitable = inbox.popleft()
+            self._start_coro(tid, awaitable)
 
     def _start_coro(self, tid: int, awaitable: Any) -> None:
         """Coroutine thread: run the task's awaitable; ``_coro_done`` replies for it."""

@@ -464,6 +464,7 @@ class Scheduler:
         if (
             self.prefetch
             and d.reliable
+            and d.slots == 1  # with coroutine slots a daemon would start it at once: k+1
             and d.next is None
             # a backlog that keeps every daemon busy anyway: FIFO order is unaffected
             and self.queued > max(len(self.daemons), self.local_target)

@@ -192,6 +192,17 @@ def test_prefetch_under_backlog_on_reliable_channels_only() -> None:
     assert h.s.status()["awaiting"] == h.s.queued + 1
 
 
+def test_no_prefetch_with_coroutine_slots() -> None:
+    # a daemon with slots starts whatever it receives: a prefetch would run k + 1 at once
+    h = Harness(concurrency=3)
+    d = h.connect(reliable=True)
+    for _ in range(20):
+        h.submit()
+    assert len(d.running) == 3 and d.next is None
+    h.result(d, next(iter(d.running.values())))
+    assert len(d.running) == 3 and d.next is None
+
+
 def test_no_prefetch_without_backlog() -> None:
     h = Harness()
     d = h.connect(reliable=True)
