@@ -620,6 +620,14 @@ class _WindowedMap(MiraiMap[T]):
             self._register(m, call)
 
     # -- consuming ------------------------------------------------------------------
+    def _attach(self, mode: str) -> _Notifier:
+        """Claim the map for one async consumer and wake it on each resolution."""
+        self._claim(mode)
+        notifier = _Notifier()
+        with self._lock:
+            self._waker = notifier.notify
+        return notifier
+
     def _claim(self, mode: str) -> None:
         with self._lock:
             if self._driving:
@@ -715,10 +723,7 @@ class _WindowedMap(MiraiMap[T]):
     async def _wait(self) -> Any:
         if self._outcome is not None:
             return self._replay()
-        self._claim("collect")
-        notifier = _Notifier()
-        with self._lock:
-            self._waker = notifier.notify
+        notifier = self._attach("collect")
         try:
             while (entry := await self._next_async(notifier)) is not None:
                 self._check_stop()
@@ -763,10 +768,7 @@ class _WindowedMap(MiraiMap[T]):
         return self._finish_collect()
 
     async def __aiter__(self) -> AsyncIterator[tuple[Any, Any]]:
-        self._claim("iter")
-        notifier = _Notifier()
-        with self._lock:
-            self._waker = notifier.notify
+        notifier = self._attach("iter")
         try:
             while (entry := await self._next_async(notifier)) is not None:
                 self._check_stop()
