@@ -59,6 +59,7 @@ from ._protocol import (
     Task,
     Welcome,
 )
+from ._threads import start_thread
 from ._transport import BlockingChannel
 
 if TYPE_CHECKING:
@@ -649,7 +650,7 @@ class Daemon:
         signal.signal(signal.SIGINT, self._sigint)
         end = self.task
         end.send(_protocol.encode(self._hello("task")))
-        threading.Thread(target=self._ctrl_loop, name="asyncmirai-ctrl", daemon=True).start()
+        start_thread(self._ctrl_loop, name="asyncmirai-ctrl")
         while True:  # handshake
             msg = _protocol.decode(end.recv())
             if isinstance(msg, Welcome):
@@ -701,8 +702,10 @@ class Daemon:
         try:
             store_put(msg.id, _codecs.loads(msg.body, msg.descriptors, msg.buffers, self.table))
         except Exception as exc:
-            print(f"asyncmirai daemon: am.put object {msg.id} failed to decode: {exc}",
-                  file=sys.stderr)
+            print(
+                f"asyncmirai daemon: am.put object {msg.id} failed to decode: {exc}",
+                file=sys.stderr,
+            )
             drop_put(msg.id)
 
     def _retire_reason(self) -> str:

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._errors import MiraiError
+from ._threads import start_thread
 
 __all__ = ["register_joblib"]
 
@@ -233,7 +234,7 @@ def _backend_class() -> type[Any]:
                     return
                 self._draining = True
             try:
-                threading.Thread(target=self._drain, name="asyncmirai-joblib", daemon=True).start()
+                start_thread(self._drain, name="asyncmirai-joblib")
             except RuntimeError:  # no new threads (interpreter shutdown): run them here
                 self._drain()
 

@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from ._threads import start_thread
+
 __all__ = ["LoopOwner"]
 
 R = TypeVar("R")
@@ -43,8 +45,7 @@ class LoopOwner:
             self.loop.call_soon(ready.set)
             self.loop.run_forever()
 
-        self.thread = threading.Thread(target=run, name=f"asyncmirai-{name}", daemon=True)
-        self.thread.start()
+        self.thread = start_thread(run, name=f"asyncmirai-{name}")
         ready.wait()
 
     def on_thread(self) -> bool:

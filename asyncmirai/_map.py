@@ -315,9 +315,7 @@ class MiraiMap(Generic[T]):
                 else:
                     start = sum(self._sizes[:i])
                     values = (
-                        _unpack_chunk(m.result())
-                        if _ok(m)
-                        else [_value_or_exc(m)] * self._sizes[i]
+                        _unpack_chunk(m.result()) if _ok(m) else [_value_or_exc(m)] * self._sizes[i]
                     )
                     for j, v in enumerate(values):
                         idx = start + j

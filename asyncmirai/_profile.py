@@ -30,6 +30,7 @@ from ._protocol import Output
 from ._scheduler import Daemon, Job, Setup
 from ._security import private_tmpdir, release_tmpdir
 from ._supervisor import LocalProcess, Supervisor, describe_exit
+from ._threads import start_thread
 
 __all__ = ["Profile", "describe_exit", "profiles"]
 
@@ -348,9 +349,7 @@ class Profile:
         it (sync reset), async callers await it in a worker thread.
         """
         if self.sync:
-            t = threading.Thread(target=self._cleanup_files)
-            t.start()
-            return t
+            return start_thread(self._cleanup_files, name="asyncmirai-cleanup", daemon=False)
 
         def on_loop() -> list[LocalProcess]:
             if self.dispatcher is not None:
@@ -375,9 +374,7 @@ class Profile:
                 self.ctx.destroy(linger=0)
             self._cleanup_files()
 
-        t = threading.Thread(target=reap, name=f"asyncmirai-reap-{self.compute}", daemon=True)
-        t.start()
-        return t
+        return start_thread(reap, name=f"asyncmirai-reap-{self.compute}")
 
     def _cleanup_files(self) -> None:
         release_tmpdir(self.tmpdir)

@@ -30,6 +30,8 @@ from typing import Any
 
 import zmq
 
+from ._threads import signals_blocked
+
 __all__ = [
     "HEREDOC",
     "SecretError",
@@ -120,7 +122,8 @@ def start_curve(
     server = server_keys or curve_keypair()
     client = client_keys or curve_keypair()
     auth = ThreadAuthenticator(ctx)
-    auth.start()
+    with signals_blocked():  # its handler thread inherits the mask
+        auth.start()
     auth.configure_curve_callback(domain="*", credentials_provider=_AllowKeys({client[0]}))
     return server, client, auth
 

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import IO, TYPE_CHECKING
@@ -24,6 +23,7 @@ from typing import IO, TYPE_CHECKING
 from ._loop import LoopOwner
 from ._scheduler import Daemon
 from ._security import secret_pipe
+from ._threads import popen, start_thread
 from ._transport import LoopChannel
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ class Supervisor:
                 else:
                     stdout = subprocess.DEVNULL
                     stderr = log_file = open(log_path, "wb")  # noqa: SIM115 - to the child
-                proc = subprocess.Popen(
+                proc = popen(
                     argv,
                     stdin=subprocess.DEVNULL,
                     stdout=stdout,
@@ -170,14 +170,14 @@ class Supervisor:
                 self._watch(rec)
                 _reap_group(rec.proc.pid)  # what its tasks started goes with it
 
-            threading.Thread(target=watch, name=f"asyncmirai-watch-{proc.pid}", daemon=True).start()
+            start_thread(watch, name=f"asyncmirai-watch-{proc.pid}")
             if self.output:
                 for stream, sink in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
-                    threading.Thread(
-                        target=_forward,
+                    start_thread(
+                        _forward,
+                        name=f"asyncmirai-{sink}-{proc.pid}",
                         args=(stream, sink, f"[{self.compute}/{index} pid {proc.pid}] "),
-                        daemon=True,
-                    ).start()
+                    )
 
     def _watch(self, rec: LocalProcess) -> None:
         rec.proc.wait()

@@ -41,6 +41,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Protocol, runtime_checkable
 
+from ._threads import popen, start_thread
+
 __all__ = [
     "ClusterConfig",
     "ClusterHandle",
@@ -62,6 +64,8 @@ def _host_python() -> str:
     images).  ``python3`` on a remote PATH is often another environment, without
     asyncmirai in it."""
     return shlex.quote(sys.executable)
+
+
 _SECRET_RE = re.compile(r"(--curve-secret-key(?:=|\s+))(\S+)")
 # A here-document: "<<'WORD'" (or <<WORD, <<-WORD) ... its body ... a line "WORD".
 _HEREDOC_RE = re.compile(r"(<<-?[ \t]*(['\"]?)(\w+)\2)([^\n]*)\n.*?\n[ \t]*\3[ \t]*(?=\n|$)", re.S)
@@ -557,7 +561,7 @@ class SSHConfig:
         argv = self._ssh_argv(remote, port)
         log = tempfile.TemporaryFile(prefix="asyncmirai-ssh-")
         try:
-            proc = subprocess.Popen(
+            proc = popen(
                 argv,
                 stdin=subprocess.PIPE,
                 stdout=log,
@@ -586,7 +590,7 @@ class SSHConfig:
                 except (BrokenPipeError, ValueError, OSError):
                     pass
 
-            threading.Thread(target=feed, name="asyncmirai-ssh-feed", daemon=True).start()
+            start_thread(feed, name="asyncmirai-ssh-feed")
         return SSHHandle(proc, str(remote), commands, log)
 
 
@@ -829,7 +833,7 @@ class ClusterHandle(LaunchHandle):
             return
         argv = [self.config.cancel_command, job]
         try:
-            self._cancel = subprocess.Popen(
+            self._cancel = popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -1035,7 +1039,7 @@ class ClusterConfig:
                     if self.scheduler == "bsub":
                         stdin = open(path, "rb")
                     try:
-                        proc = subprocess.Popen(
+                        proc = popen(
                             self.submit_argv(path),
                             stdin=stdin,
                             stdout=subprocess.PIPE,
@@ -1051,12 +1055,7 @@ class ClusterConfig:
                     os.unlink(path)
                     raise LaunchError(f"cannot run {self.command!r}: {exc}") from exc
                 handles.append(ClusterHandle(self, proc, cmd, path))
-                threading.Thread(
-                    target=_remove_when_done,
-                    args=(proc, path),
-                    name="asyncmirai-job-script",
-                    daemon=True,
-                ).start()
+                start_thread(_remove_when_done, name="asyncmirai-job-script", args=(proc, path))
         except BaseException:
             for h in handles:
                 h.terminate()

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,6 +121,49 @@ def test_grandchildren_do_not_outlive_their_daemon(how: str) -> None:
     else:  # the daemon dies mid-run (killed from outside); the profile respawns it
         os.kill(daemon, signal.SIGKILL)
     wait_for(lambda: not any(pid_alive(k) for k in kids), 30, f"grandchildren gone ({how})")
+
+
+# -------------------------------------------------------------------------- signals
+
+
+def blocked_signals(status: str) -> set[int]:
+    """The signals blocked by a thread or process, from its ``/proc/.../status``."""
+    for line in Path(status).read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            mask = int(line.split()[1], 16)
+            return {s for s in range(1, 65) if mask >> (s - 1) & 1}
+    raise AssertionError(f"no SigBlk in {status}")
+
+
+PROGRAM_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM}
+
+
+@pytest.mark.parametrize("url", [None, "tcp://127.0.0.1:0"])
+def test_signals_reach_the_main_thread_and_daemons_can_be_stopped(url: str | None) -> None:
+    """Our threads block the program's signals (so the kernel delivers them to the main
+    thread, whose handlers then run even while it blocks in a syscall); the daemons we
+    start, also from those threads (a respawn), have none of them blocked."""
+    before = {t.ident for t in threading.enumerate()}
+    am.daemons(1, url=url)
+    wait_connections(1)
+    first = am.mirai(os.getpid).result(30)
+    ours = [t for t in threading.enumerate() if t.ident not in before]
+    assert any(t.name.startswith("asyncmirai-") for t in ours), ours
+    for t in ours:
+        masked = blocked_signals(f"/proc/self/task/{t.native_id}/status")
+        assert PROGRAM_SIGNALS <= masked, (t.name, sorted(PROGRAM_SIGNALS - masked))
+    assert not PROGRAM_SIGNALS & blocked_signals("/proc/self/status")  # the main thread
+    os.kill(first, signal.SIGKILL)  # the dispatcher's thread starts its replacement
+    wait_for(
+        lambda: am.status().connections == 1 and am.mirai(os.getpid).result(30) != first,
+        30,
+        "a respawned daemon",
+    )
+    second = am.mirai(os.getpid).result(30)
+    for pid in (second,):
+        assert not PROGRAM_SIGNALS & blocked_signals(f"/proc/{pid}/status")
+    am.daemons(0)  # SIGTERM-based shutdown works
+    wait_for(lambda: not pid_alive(second), 30, "the respawned daemon to stop")
 
 
 # --------------------------------------------------------------------- the temp dir
