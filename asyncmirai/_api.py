@@ -17,9 +17,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import FunctionType
 from typing import Any, Literal, TypeVar, overload
 
-from . import _codecs, _otel, _protocol
+from . import _codecs, _mainfn, _otel, _protocol
 from ._budget import parse_size
 from ._call import CALL, CODE, apply_seed, error_record, eval_code
 from ._errors import MiraiCancelled, MiraiError, QueueFull, SerializationError, make_error
@@ -620,6 +621,13 @@ def _encode_call(
     payload = (kind, fn, args, kwargs)
     if not table._custom and _codecs.plain_call(fn, args, kwargs):  # the per-task fast
         return pickle.dumps(payload, 5), [], []  # path: no handle or reference in there
+    if type(fn) is FunctionType and not _codecs._by_reference(fn):
+        # a script's function: its bytes pickled once, while unchanged (``_mainfn``)
+        stand_in = _mainfn.by_value(fn)
+        if stand_in is not None:
+            payload = (kind, stand_in, args, kwargs)
+            if not table._custom and _codecs.plain_args(args, kwargs):
+                return pickle.dumps(payload, 5), [], []
     token = ARGUMENT_HANDLES.set(handles)
     token_refs = PUT_REFS.set(refs)
     try:

@@ -520,6 +520,11 @@ def plain_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return not kwargs or _plain(kwargs, 1)
 
 
+def plain_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """``_plain`` for a call's arguments alone."""
+    return all(_plain(a, 1) for a in args) and (not kwargs or _plain(kwargs, 1))
+
+
 def dumps(obj: Any, table: CodecTable) -> tuple[bytes, list[Any], list[Buffer]]:
     """Serialize ``obj`` with pickle protocol 5, taking codec objects out of band.
 
