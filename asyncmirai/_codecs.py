@@ -513,16 +513,16 @@ def plain_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
             return False
     else:
         return False
+    return plain_args(args, kwargs)
+
+
+def plain_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """``_plain`` for a call's arguments alone."""
     plain = _PLAIN_TYPES
     for a in args:
         if type(a) not in plain and not _plain(a, 1):
             return False
     return not kwargs or _plain(kwargs, 1)
-
-
-def plain_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """``_plain`` for a call's arguments alone."""
-    return all(_plain(a, 1) for a in args) and (not kwargs or _plain(kwargs, 1))
 
 
 def dumps(obj: Any, table: CodecTable) -> tuple[bytes, list[Any], list[Buffer]]:

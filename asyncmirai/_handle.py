@@ -51,6 +51,10 @@ class HandleOwner(Protocol):
     def state(self, handle: Mirai[Any]) -> str:
         """``"queued"`` or ``"running"`` for a pending handle."""
 
+    def wait(self, handle: Mirai[Any], timeout: float | None) -> bool:
+        """Block until the handle resolves (maybe doing the I/O that resolves it);
+        False if ``timeout`` seconds passed first."""
+
 
 class Mirai(Generic[T]):
     """Handle of a task running on a daemon: ``await`` it, or call :meth:`result`.
@@ -162,10 +166,15 @@ class Mirai(Generic[T]):
             RuntimeError: called on the dispatcher's own loop thread (would deadlock).
         """
         if self._state == PENDING:
-            self._check_not_dispatcher_thread()
-            event = threading.Event()
-            self.add_done_callback(lambda _: event.set())
-            if not event.wait(timeout):
+            owner = self._owner
+            if owner is not None:
+                owner.check_may_block()
+                resolved = owner.wait(self, timeout)
+            else:
+                event = threading.Event()
+                self.add_done_callback(lambda _: event.set())
+                resolved = event.wait(timeout)
+            if not resolved:
                 raise TimeoutError(f"mirai {self.id} not resolved within {timeout} s")
         return self._outcome()
 

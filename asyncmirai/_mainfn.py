@@ -118,6 +118,7 @@ class _Entry:
         "kwdefaults",
         "meta",
         "pure",
+        "stand_in",
     )
 
     def __init__(self, fn: FunctionType, code: _Code) -> None:
@@ -132,6 +133,7 @@ class _Entry:
         self.globals = tuple((n, g.get(n, _MISSING)) for n in code.names)
         self.deps: list[tuple[FunctionType, _Entry]] = []  # other script functions it names
         self.blob = b""
+        self.stand_in: _ByValue | None = None
 
 
 def _items(d: dict[str, Any] | None) -> tuple[Any, ...] | None:
@@ -167,25 +169,28 @@ def by_value(fn: FunctionType) -> _ByValue | None:
             return None  # not cacheable: its globals or defaults hold mutable values
         assert isinstance(entry, _Entry)
         if _valid(fn, entry):
-            return _ByValue(entry.blob, entry.pure)
+            return entry.stand_in
     made = _make(fn)
     if len(_entries) >= _MAX_ENTRIES:
         _entries.clear()
     _entries[fn] = made
     if made is None:
         return None
-    return _ByValue(made.blob, made.pure)
+    made.stand_in = _ByValue(made.blob, made.pure)
+    return made.stand_in
 
 
 def _valid(fn: FunctionType, e: _Entry) -> bool:
     """Whether ``fn`` would still pickle to ``e.blob`` (identities unchanged)."""
-    if (
-        fn.__code__ is not e.code
-        or fn.__defaults__ is not e.defaults
-        or not _same(_items(fn.__kwdefaults__), e.kwdefaults)
-        or not _same(_items(fn.__dict__), e.attrs)
-        or not _same(_meta(fn), e.meta)
-    ):
+    if fn.__code__ is not e.code or fn.__defaults__ is not e.defaults:
+        return False
+    kw = fn.__kwdefaults__
+    if (kw or e.kwdefaults) and not _same(_items(kw), e.kwdefaults):
+        return False
+    attrs = fn.__dict__
+    if (attrs or e.attrs) and not _same(_items(attrs), e.attrs):
+        return False
+    if not _same(_meta(fn), e.meta):
         return False
     closure = fn.__closure__
     if closure:
@@ -200,13 +205,21 @@ def _valid(fn: FunctionType, e: _Entry) -> bool:
         if g.get(name, _MISSING) is not v:
             return False
     # ``deps`` lists every script function reachable from ``fn`` (flat, each once)
-    return all(_valid(dep, de) for dep, de in e.deps)
+    for dep, de in e.deps:
+        if not _valid(dep, de):
+            return False
+    return True
 
 
 def _same(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
     if a is None or b is None:
         return a is b
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):  # noqa: B905 - lengths checked
+        if x is not y:
+            return False
+    return True
 
 
 def _make(fn: FunctionType) -> _Entry | None:

@@ -237,7 +237,7 @@ class Profile:
             owner.check_open()  # raises the clear error
         if threading.get_ident() == owner.thread_id:
             d.submit(job)
-        else:
+        elif not d.submit_direct(job):  # sends from this thread: no hop (_dispatcher)
             d.post(_SUBMIT, job)
 
     def cancel(self, handle: Mirai[Any]) -> bool:
@@ -260,6 +260,13 @@ class Profile:
                 "Mirai.result() was called on the thread that runs the dispatcher's event "
                 "loop, so it could never resolve: use `await m` there instead"
             )
+
+    def wait(self, handle: Mirai[Any], timeout: float | None) -> bool:
+        """Block until ``handle`` resolves (not on the loop's thread); False on timeout."""
+        d = self.dispatcher
+        if d is None:
+            return handle.done()
+        return d.wait(handle, timeout)
 
     def state(self, handle: Mirai[Any]) -> str:
         """``"queued"`` or ``"running"`` (read from any thread: a snapshot)."""
@@ -322,7 +329,7 @@ class Profile:
                 "respawned": 0,
             }
         assert self.dispatcher is not None
-        return self.owner.on_loop(lambda: dict(self.dispatcher.sched.counters))  # type: ignore[union-attr]
+        return self.owner.on_loop(self.dispatcher.counters)
 
     def add_serial(self, configs: Sequence[_codecs.SerialConfig]) -> None:
         """Register more codecs, for the arguments encoded here and the results decoded
@@ -336,8 +343,7 @@ class Profile:
         def go() -> None:
             self.n_local += k
             if self.dispatcher is not None:
-                self.dispatcher.sched.add_local(k)
-                self.dispatcher.flush()
+                self.dispatcher.add_local(k)
 
         self.owner.on_loop(go)
 

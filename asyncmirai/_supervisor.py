@@ -160,6 +160,7 @@ class Supervisor:
                         role + launch.encode(),
                         d.on_channel_message,
                         d.channel_closed,
+                        d.lock,
                     )
                 )
             rec = LocalProcess(proc, launch, log_path, index)

@@ -27,6 +27,7 @@ import os
 import select
 import socket
 import struct
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -285,7 +286,14 @@ class _Pending:
 
 
 class LoopChannel:
-    """Host end of a daemon's socketpair, driven by an asyncio loop (non-blocking)."""
+    """Host end of a daemon's socketpair, driven by an asyncio loop (non-blocking).
+
+    Made on the loop's thread, which watches it.  Another thread may read and send on it
+    too while it holds ``lock`` (the dispatcher's, which every loop-side callback here
+    takes as well): a caller blocked in ``Mirai.result()`` reads its own result instead
+    of waiting for the loop thread to read it and wake it (see ``Dispatcher.wait``).
+    What only the loop's thread may do (watch for writability, close) is handed to it.
+    """
 
     def __init__(
         self,
@@ -294,20 +302,60 @@ class LoopChannel:
         ident: bytes,
         on_message: Callable[[bytes, list[Any]], None],
         on_close: Callable[[LoopChannel], None],
+        lock: threading.RLock | None = None,
     ) -> None:
         self.loop = loop
         self.sock = sock
         self.ident = ident
         self.on_message = on_message
         self.on_close = on_close
+        self.lock = lock if lock is not None else threading.RLock()
+        self.tid = threading.get_ident()  # the loop's thread
         self.reader = FrameReader()
         self.pending: deque[_Pending] = deque()
         self.closed = False
+        self.eof = False  # seen by another thread; the loop's thread closes
+        # Threads waiting in Dispatcher.wait that read this channel themselves.  While
+        # there are any, the loop's thread stops watching it (``unwatched``) instead of
+        # racing them for each message; the last one to leave watches it again.
+        self.claimed = 0
+        self.unwatched = False
         sock.setblocking(False)
         self.fd = sock.fileno()
         loop.add_reader(self.fd, self._on_readable)
 
     def _on_readable(self) -> None:
+        with self.lock:
+            if self.claimed and not self.closed:
+                self.loop.remove_reader(self.fd)
+                self.unwatched = True
+                return
+            self.read()
+
+    def claim(self) -> None:
+        """A thread starts waiting on this channel (holding ``lock``): the first one
+        takes the watch from the loop, so its thread is not woken for what we read."""
+        if not self.claimed and not self.unwatched and not self.closed:
+            self.loop.remove_reader(self.fd)
+            self.unwatched = True
+        self.claimed += 1
+
+    def unclaim(self) -> None:
+        """A waiting thread leaves (holding ``lock``): the last one hands the watch back.
+
+        ``add_reader`` from this thread: done only for asyncio's selector loops, where it
+        is one ``epoll_ctl`` and a dict update (see ``Dispatcher.wait``)."""
+        self.claimed -= 1
+        if not self.claimed and self.unwatched and not self.closed:
+            self.unwatched = False
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def read(self) -> None:
+        """Read and deliver what has arrived (any thread, holding ``lock``)."""
+        if self.closed or self.eof:
+            if self.eof and not self.closed and threading.get_ident() == self.tid:
+                self._eof()
+            return
         msgs: list[list[Any]] = []
         try:
             alive = self.reader.pump(self.sock, msgs, False)
@@ -316,8 +364,21 @@ class LoopChannel:
         for frames in msgs:
             self.on_message(self.ident, frames)
         if not alive and not self.closed:
-            self.close()
-            self.on_close(self)
+            self._broken()
+
+    def _broken(self) -> None:
+        """End of stream or a failed write: close now on the loop's thread; from another
+        thread, mark it and let the loop's thread close (it sees the end of stream too:
+        the fd stays readable)."""
+        self.eof = True
+        if threading.get_ident() == self.tid:
+            self._eof()
+        else:
+            self.loop.call_soon_threadsafe(self._on_readable)
+
+    def _eof(self) -> None:
+        self.close()
+        self.on_close(self)
 
     def send(self, frames: Sequence[Any]) -> bool:
         """Queue ``frames`` as one message; False if the channel is closed."""
@@ -330,12 +391,11 @@ class LoopChannel:
             except BlockingIOError:
                 sent = 0
             except OSError:
-                self.close()
-                self.on_close(self)
+                self._broken()
                 return False
             if sent < len(data):
                 self.pending.append(_Pending(memoryview(data)[sent:], []))
-                self.loop.add_writer(self.fd, self._on_writable)
+                self._watch_writable()
             return True
         parts, fds = _encode(frames)
         views = [_byte_view(p) for p in parts]
@@ -344,12 +404,26 @@ class LoopChannel:
         was_idle = not self.pending
         self.pending.extend(entries)
         if was_idle:
-            self._on_writable()
+            self._write()
             if self.pending and not self.closed:
-                self.loop.add_writer(self.fd, self._on_writable)
+                self._watch_writable()
         return not self.closed
 
+    def _watch_writable(self) -> None:
+        if threading.get_ident() == self.tid:
+            self.loop.add_writer(self.fd, self._on_writable)
+        else:
+            self.loop.call_soon_threadsafe(self._on_writable)
+
     def _on_writable(self) -> None:
+        with self.lock:
+            self._write()
+            if self.pending and not self.closed:
+                self.loop.add_writer(self.fd, self._on_writable)
+
+    def _write(self) -> None:
+        if self.closed:
+            return
         pending = self.pending
         while pending:
             batch: list[_Pending] = []
@@ -364,8 +438,7 @@ class LoopChannel:
             except BlockingIOError:
                 return
             except OSError:
-                self.close()
-                self.on_close(self)
+                self._broken()
                 return
             # the kernel holds its own references now (they may arrive early: that is
             # fine, the reader keeps them in order until a length asks for one)
@@ -381,10 +454,11 @@ class LoopChannel:
                 else:
                     head.view = head.view[sent:]
                     sent = 0
-        try:
-            self.loop.remove_writer(self.fd)
-        except Exception:  # the loop may be closed
-            pass
+        if threading.get_ident() == self.tid:
+            try:
+                self.loop.remove_writer(self.fd)
+            except Exception:  # the loop may be closed
+                pass
 
     def close(self) -> None:
         """Stop watching and close the socket (idempotent)."""
