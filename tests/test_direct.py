@@ -1,0 +1,138 @@
+"""Callers off the dispatcher's thread drive the I/O themselves (``Dispatcher.wait``).
+
+A plain script's ``m.result()`` reads the daemon's socketpair on its own thread while the
+loop thread stands aside; when nobody waits, the loop thread reads again.  Every task
+still resolves exactly once, whoever reads.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import asyncmirai as am
+from asyncmirai._profile import profiles
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def wait_for_file(path: str, value: int) -> int:
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.005)
+    return value
+
+
+def announce_then_wait(started: str, go: str) -> int:
+    Path(started).write_text(str(os.getpid()))
+    return wait_for_file(go, os.getpid())
+
+
+def until(cond: object, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_result_needs_no_loop_thread() -> None:
+    """With the loop thread stuck in a callback, a script still submits, and its
+    result() reads the answer itself (before: both were hops through that thread)."""
+    with am.daemons(1):
+        am.mirai(abs, -1).result(30)  # connected
+        loop = profiles["default"].loop
+        entered, gate = threading.Event(), threading.Event()
+
+        def stuck() -> None:
+            entered.set()
+            gate.wait(60)
+
+        loop.call_soon_threadsafe(stuck)
+        assert entered.wait(30)
+        try:
+            me = threading.get_ident()
+            for i in range(20):
+                m = am.mirai(abs, -i)
+                resolved_on = []
+                m.add_done_callback(lambda _, r=resolved_on: r.append(threading.get_ident()))
+                assert m.result(30) == i
+                assert resolved_on == [me]
+        finally:
+            gate.set()
+        assert am.mirai(abs, -2).result(30) == 2  # and the loop thread reads again
+
+
+def test_after_a_timed_out_wait_the_loop_thread_reads_again(tmp_path: Path) -> None:
+    go = str(tmp_path / "go")
+    with am.daemons(1):
+        m = am.mirai(wait_for_file, go, 7)
+        with pytest.raises(TimeoutError):
+            m.result(0.05)  # the caller claimed the channel, then gave it back
+        done = threading.Event()
+        m.add_done_callback(lambda _: done.set())
+        Path(go).touch()
+        assert done.wait(30)  # nobody waits in result(): the loop thread read it
+        assert m.result(0) == 7
+
+
+def test_many_threads_submit_and_wait_each_resolves_once() -> None:
+    with am.daemons(3):
+        results: dict[int, list[int]] = {}
+        errors: list[BaseException] = []
+
+        def worker(k: int) -> None:
+            try:
+                out = []
+                for i in range(150):
+                    m = am.mirai(divmod, k * 1000 + i, 1000)
+                    if i % 7 == 0:
+                        m.cancel()
+                        continue
+                    out.append(m.result(60)[1])
+                results[k] = out
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(100)
+        assert not errors, errors[:3]
+        for k in range(8):
+            assert results[k] == [i for i in range(150) if i % 7], k
+        counters = profiles["default"].info()
+        assert counters["completed"] + counters["cancelled"] == counters["submitted"]
+
+
+def test_waiter_sees_its_daemon_die(tmp_path: Path) -> None:
+    started, go = str(tmp_path / "started"), str(tmp_path / "go")
+    with am.daemons(1):
+        m = am.mirai(announce_then_wait, started, go)
+        until(lambda: os.path.exists(started), "the task to start")
+        pid = int(Path(started).read_text())
+        killer = threading.Timer(0.05, os.kill, (pid, signal.SIGKILL))
+        killer.start()  # while this thread waits in result()
+        with pytest.raises(am.DaemonError):
+            m.result(60)
+        killer.join()
+        assert am.mirai(abs, -3).result(60) == 3  # respawned, and read again
+
+
+def test_reset_from_another_thread_while_waiting(tmp_path: Path) -> None:
+    started, go = str(tmp_path / "started"), str(tmp_path / "go")
+    am.daemons(1)
+    m = am.mirai(announce_then_wait, started, go)
+    until(lambda: os.path.exists(started), "the task to start")
+    resetter = threading.Timer(0.05, am.daemons, (0,))
+    resetter.start()
+    with pytest.raises(am.DaemonError):
+        m.result(60)
+    resetter.join()
