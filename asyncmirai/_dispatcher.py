@@ -224,6 +224,44 @@ class Dispatcher:
         with self.lock:
             return dict(self.sched.counters)
 
+    def watch(self, handle: Any, loop: asyncio.AbstractEventLoop) -> Callable[[], None] | None:
+        """From the thread of another asyncio loop that awaits ``handle``: read the
+        socketpair of the daemon running its task on *that* loop until it resolves, so
+        the answer wakes the awaiting loop directly instead of going through ours.
+        Returns what ends the watch (call it on that loop's thread), or None when the
+        task has no local daemon yet or the loops are not both selector loops."""
+        if not self.claims or not isinstance(loop, _SelectorLoop) or loop is self.loop:
+            return None
+        job = handle._job
+        d = job.daemon if job is not None else None
+        if d is None or self.closed:
+            return None
+        ch = self.channels.get(d.ident)
+        if ch is None or ch.eof or not self.lock.acquire(False):
+            return None
+        try:
+            ch.watch_from(loop, lambda: self._read_for(ch, loop))
+        finally:
+            self.lock.release()
+        return lambda: self._unwatch(ch, loop)
+
+    def _read_for(self, ch: LoopChannel, loop: asyncio.AbstractEventLoop) -> None:
+        """The reader :meth:`watch` puts on an awaiting loop."""
+        if not self.lock.acquire(timeout=0.002):
+            return  # busy (briefly, as a rule): the fd is still readable, we come back
+        try:
+            if ch.eof or ch.closed:
+                # ended: stop watching here, so the loop's thread sees it and closes
+                ch.unwatch_from(loop, all=True)
+                return
+            ch.read()
+        finally:
+            self.lock.release()
+
+    def _unwatch(self, ch: LoopChannel, loop: asyncio.AbstractEventLoop) -> None:
+        with self.lock:
+            ch.unwatch_from(loop)
+
     def wait(self, handle: Any, timeout: float | None) -> bool:
         """Block until ``handle`` resolves (a thread other than the loop's): read the
         socketpair of the daemon running its task here, or sleep until another thread
@@ -678,6 +716,7 @@ class Dispatcher:
 
 
 _local = threading.local()
+_SelectorLoop = asyncio.selector_events.BaseSelectorEventLoop
 
 
 class _Waker:

@@ -55,6 +55,10 @@ class HandleOwner(Protocol):
         """Block until the handle resolves (maybe doing the I/O that resolves it);
         False if ``timeout`` seconds passed first."""
 
+    def watch(self, handle: Mirai[Any], loop: Any) -> Callable[[], None] | None:
+        """While ``loop`` awaits the handle, let it do the I/O that resolves it (when
+        that loop is not the owner's); returns what ends that, or None."""
+
 
 class Mirai(Generic[T]):
     """Handle of a task running on a daemon: ``await`` it, or call :meth:`result`.
@@ -224,7 +228,15 @@ class Mirai(Generic[T]):
                             loop.call_soon_threadsafe(_set_future, fut)
 
                     self.add_done_callback(wake)
-                    yield from fut
+                    owner = self._owner
+                    unwatch = None
+                    if owner is not None and self._state == PENDING:
+                        unwatch = owner.watch(self, loop)
+                    try:
+                        yield from fut
+                    finally:
+                        if unwatch is not None:
+                            unwatch()
                 else:
                     yield from self._wait_other().__await__()
             except BaseException:

@@ -268,6 +268,12 @@ class Profile:
             return handle.done()
         return d.wait(handle, timeout)
 
+    def watch(self, handle: Mirai[Any], loop: Any) -> Any:
+        """Let ``loop`` (awaiting ``handle`` on its own thread) read the answer itself;
+        returns what ends that, or None."""
+        d = self.dispatcher
+        return None if d is None else d.watch(handle, loop)
+
     def state(self, handle: Mirai[Any]) -> str:
         """``"queued"`` or ``"running"`` (read from any thread: a snapshot)."""
         job = handle._job

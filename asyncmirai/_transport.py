@@ -320,6 +320,7 @@ class LoopChannel:
         # racing them for each message; the last one to leave watches it again.
         self.claimed = 0
         self.unwatched = False
+        self.watchers: dict[asyncio.AbstractEventLoop, int] = {}  # other loops reading it
         sock.setblocking(False)
         self.fd = sock.fileno()
         loop.add_reader(self.fd, self._on_readable)
@@ -474,7 +475,34 @@ class LoopChannel:
             _close_all(e.fds)
         self.pending.clear()
         self.reader.close()
-        self.sock.close()
+        if not self.watchers:  # else the last to stop watching closes it: an fd
+            self.sock.close()  # number reused while still in their selector would clash
+
+    def watch_from(self, loop: asyncio.AbstractEventLoop, reader: Callable[[], None]) -> None:
+        """Another loop reads this channel while it awaits (holding ``lock``, on that
+        loop's thread); counted per loop."""
+        n = self.watchers.get(loop, 0)
+        if not n:
+            self.claim()
+            loop.add_reader(self.fd, reader)
+        self.watchers[loop] = n + 1
+
+    def unwatch_from(self, loop: asyncio.AbstractEventLoop, all: bool = False) -> None:
+        """One await on ``loop`` ends (or all of them, ``all``): the last hands back."""
+        n = self.watchers.get(loop, 0)
+        if n > 1 and not all:
+            self.watchers[loop] = n - 1
+            return
+        if not n:
+            return
+        del self.watchers[loop]
+        if not loop.is_closed():
+            loop.remove_reader(self.fd)
+        if self.closed:
+            if not self.watchers:
+                self.sock.close()
+        else:
+            self.unclaim()
 
 
 class BlockingChannel:

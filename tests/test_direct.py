@@ -136,3 +136,58 @@ def test_reset_from_another_thread_while_waiting(tmp_path: Path) -> None:
     with pytest.raises(am.DaemonError):
         m.result(60)
     resetter.join()
+
+
+def test_another_loop_awaiting_reads_its_answers_itself() -> None:
+    """Daemons started outside any loop, awaited from ``asyncio.run``: with the
+    dispatcher's loop stuck, the awaiting loop reads the socketpairs itself."""
+    import asyncio
+
+    with am.daemons(2):
+        am.mirai(abs, -1).result(30)
+        loop = profiles["default"].loop
+        entered, gate = threading.Event(), threading.Event()
+
+        def stuck() -> None:
+            entered.set()
+            gate.wait(60)
+
+        loop.call_soon_threadsafe(stuck)
+        assert entered.wait(30)
+
+        async def main() -> list[int]:
+            one = [await am.mirai(abs, -i) for i in range(10)]  # one at a time
+            return one
+
+        try:
+            assert asyncio.run(main()) == list(range(10))
+        finally:
+            gate.set()
+
+        async def many() -> list[int]:  # queued ones resolve through the loop thread
+            return await asyncio.gather(*(am.mirai(abs, -i) for i in range(500)))
+
+        assert asyncio.run(many()) == list(range(500))
+        assert am.mirai(abs, -2).result(30) == 2
+
+
+def test_reset_while_another_loop_awaits(tmp_path: Path) -> None:
+    import asyncio
+
+    started, go = str(tmp_path / "started"), str(tmp_path / "go")
+    am.daemons(1)
+
+    async def main() -> None:
+        m = am.mirai(announce_then_wait, started, go)
+        while not os.path.exists(started):
+            await asyncio.sleep(0.005)
+        resetter = threading.Timer(0.05, am.daemons, (0,))
+        resetter.start()
+        with pytest.raises(am.DaemonError):
+            await m
+        resetter.join()
+
+    asyncio.run(main())
+    am.daemons(1)  # a new profile works after the watched channel was closed
+    assert am.mirai(abs, -4).result(30) == 4
+    am.daemons(0)
