@@ -42,6 +42,9 @@ def _set_future(fut: asyncio.Future[None]) -> None:
 class HandleOwner(Protocol):
     """Whoever runs the work behind a handle (a profile): the handle knows only this."""
 
+    #: The event loop that resolves the handles (None: no loop, sync mode).
+    loop: Any
+
     def cancel(self, handle: Mirai[Any]) -> bool:
         """Cancel the work; True if this call resolved the handle as cancelled."""
 
@@ -230,8 +233,8 @@ class Mirai(Generic[T]):
                     self.add_done_callback(wake)
                     owner = self._owner
                     unwatch = None
-                    if owner is not None and self._state == PENDING:
-                        unwatch = owner.watch(self, loop)
+                    if owner is not None and loop is not owner.loop and self._state == PENDING:
+                        unwatch = owner.watch(self, loop)  # another loop awaits
                     try:
                         yield from fut
                     finally:

@@ -89,6 +89,7 @@ class Profile:
             "log_level": log_level,  # daemons send logging records >= it (None: none)
         }
         self.concurrency = concurrency
+        self.loop: Any = None  # the dispatcher's (set below unless sync)
         self.budget = Budget(memory) if memory is not None else None
         self.task_index = itertools.count()
         self.sync_completed = 0
