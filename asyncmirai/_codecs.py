@@ -513,7 +513,11 @@ def plain_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
             return False
     else:
         return False
-    return plain_args(args, kwargs)
+    plain = _PLAIN_TYPES  # plain_args, inlined: the per-task path
+    for a in args:
+        if type(a) not in plain and not _plain(a, 1):
+            return False
+    return not kwargs or _plain(kwargs, 1)
 
 
 def plain_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -388,11 +388,10 @@ class Dispatcher:
         perform (spawn, kill) on, the rest is handed to it."""
         out = self.sched.out
         obs = self.obs
-        off = threading.get_ident() != self.tid
         while out:
             act = out.popleft()
             op = act[0]
-            if off and (op == KILL or op == SPAWN):
+            if (op == KILL or op == SPAWN) and threading.get_ident() != self.tid:
                 out.appendleft(act)
                 self._to_loop(self._flush_locked)
                 return
@@ -427,7 +426,7 @@ class Dispatcher:
             elif op == SPAWN:
                 self._spawn(act[1])
         if self.sched._heap:  # most tasks have no deadline: no call at all
-            if off:
+            if threading.get_ident() != self.tid:
                 self._to_loop(self._arm_locked)
             else:
                 self._arm()
