@@ -86,6 +86,9 @@ _SNDMORE = zmq.SNDMORE
 #: CurveZMQ handshake (libzmq's default is 30).
 HANDSHAKE_DEADLINE_MS = 5000
 _SUBMIT, _CANCEL, _EVERYWHERE = 0, 1, 2
+#: Short one-frame tasks a daemon may hold ahead of its running one under a backlog
+#: (``Scheduler(prefetch_depth=)``).
+PREFETCH_DEPTH = 8
 
 
 class Dispatcher:
@@ -130,6 +133,7 @@ class Dispatcher:
             concurrency=concurrency,
             budget=budget,
             wall=time.time,
+            prefetch_depth=PREFETCH_DEPTH,
         )
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -388,6 +392,19 @@ class Dispatcher:
         perform (spawn, kill) on, the rest is handed to it."""
         out = self.sched.out
         obs = self.obs
+        corked: list[LoopChannel] = []  # channels with writes held back until the end
+        try:
+            self._perform(out, obs, corked)
+        finally:
+            for ch in corked:
+                ch.uncork()
+        if self.sched._heap:  # most tasks have no deadline: no call at all
+            if threading.get_ident() != self.tid:
+                self._to_loop(self._arm_locked)
+            else:
+                self._arm()
+
+    def _perform(self, out: Any, obs: Any, corked: list[LoopChannel]) -> None:
         while out:
             act = out.popleft()
             op = act[0]
@@ -400,6 +417,10 @@ class Dispatcher:
                 frames = act[2]
                 if type(frames) is bytes:  # a one-frame task is kept bare (see _api)
                     frames = (frames,)
+                if len(out) and (ch := self.channels.get(d.ident)) is not None:
+                    if not ch.corked:  # more may follow for it: one write for them all
+                        ch.corked = True
+                        corked.append(ch)
                 if d.alive and not self._to(d.ident, frames):
                     self.sched.send_failed(d, act[3], _monotonic())
                 elif obs and act[3] is not None and (rec := obs.get(act[3].id)) is not None:
@@ -425,11 +446,6 @@ class Dispatcher:
                 self.kill(act[1])
             elif op == SPAWN:
                 self._spawn(act[1])
-        if self.sched._heap:  # most tasks have no deadline: no call at all
-            if threading.get_ident() != self.tid:
-                self._to_loop(self._arm_locked)
-            else:
-                self._arm()
 
     def _to_loop(self, fn: Callable[[], None]) -> None:
         try:
@@ -506,10 +522,12 @@ class Dispatcher:
         """Register a local daemon's socketpair end (messages arrive as from the ROUTER)."""
         self.channels[ch.ident] = ch
 
-    def on_channel_message(self, ident: bytes, frames: list[Any]) -> None:
-        """A message from a local daemon's socketpair."""
+    def on_channel_message(self, ident: bytes, msgs: list[list[Any]]) -> None:
+        """Messages from a local daemon's socketpair (what one read brought): handled,
+        then one flush, so the tasks they free up go out in one write."""
         if not self.closed:
-            self._handle(ident, frames, None)
+            for frames in msgs:
+                self._handle(ident, frames, None)
             self.flush()
 
     def channel_closed(self, ch: LoopChannel) -> None:

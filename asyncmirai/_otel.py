@@ -134,7 +134,7 @@ def counts(sched: Any) -> dict[str, int]:
     live = [d for d in list(sched.daemons.values()) if d.ident is not None and d.alive]
     return {
         "connections": len(live),
-        "awaiting": sched.queued + sum(1 for d in live if d.next is not None),
+        "awaiting": sched.queued + sum(len(d.ahead) for d in live),
         "executing": sum(len(d.running) for d in live),
     }
 

@@ -300,7 +300,7 @@ class LoopChannel:
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
         ident: bytes,
-        on_message: Callable[[bytes, list[Any]], None],
+        on_message: Callable[[bytes, list[list[Any]]], None],
         on_close: Callable[[LoopChannel], None],
         lock: threading.RLock | None = None,
     ) -> None:
@@ -314,6 +314,7 @@ class LoopChannel:
         self.reader = FrameReader()
         self.pending: deque[_Pending] = deque()
         self.closed = False
+        self.corked = False  # sends queue up until uncork(): one syscall for a burst
         self.eof = False  # seen by another thread; the loop's thread closes
         # Threads waiting in Dispatcher.wait that read this channel themselves.  While
         # there are any, the loop's thread stops watching it (``unwatched``) instead of
@@ -362,8 +363,8 @@ class LoopChannel:
             alive = self.reader.pump(self.sock, msgs, False)
         except (OSError, RemoteProtocolError):
             alive = False
-        for frames in msgs:
-            self.on_message(self.ident, frames)
+        if msgs:  # all that one read brought, at once: one flush of what they cause
+            self.on_message(self.ident, msgs)
         if not alive and not self.closed:
             self._broken()
 
@@ -385,8 +386,16 @@ class LoopChannel:
         """Queue ``frames`` as one message; False if the channel is closed."""
         if self.closed:
             return False
-        if len(frames) == 1 and not self.pending and type(frames[0]) is bytes:
+        if len(frames) == 1 and type(frames[0]) is bytes:
             data = _u32.pack(1) + _lengths_struct(1).pack(len(frames[0])) + frames[0]
+            if self.corked or self.pending:
+                was_idle = not self.pending
+                self.pending.append(_Pending(memoryview(data), []))
+                if was_idle and not self.corked:
+                    self._write()
+                    if self.pending and not self.closed:
+                        self._watch_writable()
+                return not self.closed
             try:
                 sent = self.sock.send(data)
             except BlockingIOError:
@@ -404,11 +413,20 @@ class LoopChannel:
         entries[0].fds = fds
         was_idle = not self.pending
         self.pending.extend(entries)
-        if was_idle:
+        if was_idle and not self.corked:
             self._write()
             if self.pending and not self.closed:
                 self._watch_writable()
         return not self.closed
+
+    def uncork(self) -> None:
+        """Write what queued up while corked (``corked`` is set by the sender, the
+        dispatcher's flush): one ``sendmsg`` for a burst of small messages."""
+        self.corked = False
+        if self.pending and not self.closed:
+            self._write()
+            if self.pending and not self.closed:
+                self._watch_writable()
 
     def _watch_writable(self) -> None:
         if threading.get_ident() == self.tid:

@@ -33,6 +33,11 @@ def inc(x: int) -> int:
     return x + 1
 
 
+async def ainc(x: int) -> int:
+    """``inc`` as a coroutine function (aiomultiprocess runs only those)."""
+    return x + 1
+
+
 def summarize_us(samples_s: list[float]) -> dict[str, float]:
     """Median / p99 / mean / min of durations given in seconds, reported in microseconds."""
     xs = sorted(samples_s)

@@ -184,11 +184,11 @@ def test_prefetch_under_backlog_on_reliable_channels_only() -> None:
     for _ in range(8):
         h.submit()
     h.result(d, task_of(d))  # d is made idle again under a backlog of 5 > 2 daemons
-    assert task_of(d) is not None and d.next is not None  # prefetched
-    assert h.s.job_state(d.next) == "queued"
-    assert r.next is None  # unreliable (zmq) channel: never prefetched
+    assert task_of(d) is not None and len(d.ahead) == 1  # prefetched
+    assert h.s.job_state(d.ahead[0]) == "queued"
+    assert not r.ahead  # unreliable (zmq) channel: never prefetched
     h.result(r, task_of(r))
-    assert r.next is None
+    assert not r.ahead
     assert h.s.status()["awaiting"] == h.s.queued + 1
 
 
@@ -198,9 +198,9 @@ def test_no_prefetch_with_coroutine_slots() -> None:
     d = h.connect(reliable=True)
     for _ in range(20):
         h.submit()
-    assert len(d.running) == 3 and d.next is None
+    assert len(d.running) == 3 and not d.ahead
     h.result(d, next(iter(d.running.values())))
-    assert len(d.running) == 3 and d.next is None
+    assert len(d.running) == 3 and not d.ahead
 
 
 def test_no_prefetch_without_backlog() -> None:
@@ -210,7 +210,7 @@ def test_no_prefetch_without_backlog() -> None:
     for _ in range(3):
         h.submit()
     h.result(d, task_of(d))
-    assert d.next is None
+    assert not d.ahead
 
 
 def test_idle_daemon_revokes_a_prefetched_task() -> None:
@@ -219,8 +219,8 @@ def test_idle_daemon_revokes_a_prefetched_task() -> None:
     for _ in range(4):
         h.submit()
     h.result(busy, task_of(busy))  # backlog 2 > 1 daemon: busy takes one and prefetches one
-    assert busy.next is not None
-    prefetched = busy.next
+    assert len(busy.ahead) == 1
+    prefetched = busy.ahead[0]
     # drain the queue so that a new daemon finds nothing queued
     while h.s.queued:
         h.s._pop()
@@ -229,7 +229,7 @@ def test_idle_daemon_revokes_a_prefetched_task() -> None:
     assert h.s.idle == {idle: None}
     h.s.cancelled(busy, prefetched.id, True, h.now)  # granted: it never started
     h.flush()
-    assert task_of(idle) is prefetched and busy.next is None
+    assert task_of(idle) is prefetched and not busy.ahead
     assert h.tasks_sent_to(idle) == [prefetched]
 
 
@@ -563,16 +563,20 @@ class SimDaemon:
 class SchedulerMachine(RuleBasedStateMachine):
     """Random interleavings of every event; invariants after every step."""
 
-    @initialize(local=st.integers(0, 3), slots=st.sampled_from([1, 1, 3]))
-    def setup(self, local: int, slots: int) -> None:
+    @initialize(
+        local=st.integers(0, 3), slots=st.sampled_from([1, 1, 3]), depth=st.sampled_from([1, 3])
+    )
+    def setup(self, local: int, slots: int, depth: int) -> None:
         self.budget = FakeBudget()
         self.slots = slots
+        self.depth = depth
         self.s = Scheduler(
             local_target=local,
             hostname=HOST,
             cancel_grace=2.0,
             concurrency=slots,
             budget=self.budget,
+            prefetch_depth=depth,
         )
         self.now = 0.0
         self.handles: dict[int, Handle] = {}
@@ -614,7 +618,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                         self.sent_once.add(job.id)
                     sim.inbox.append(("task", job.id))
                     tasks = sum(1 for k, _ in sim.inbox if k == "task")
-                    assert tasks <= self.slots + 1, "a busy daemon got more than one prefetch"
+                    assert tasks <= self.slots + self.depth, "prefetched deeper than allowed"
             elif op == RESOLVE:
                 act[1].outcomes.append((act[2], act[3]))
                 assert len(act[1].outcomes) == 1, f"{act[1]} resolved twice"
@@ -646,11 +650,17 @@ class SchedulerMachine(RuleBasedStateMachine):
         retries=st.integers(0, 2),
         timeout=st.one_of(st.none(), st.floats(0.5, 20)),
         nbytes=st.integers(0, 100),
+        one_frame=st.booleans(),
     )
-    def submit(self, retries: int, timeout: float | None, nbytes: int) -> None:
+    def submit(
+        self, retries: int, timeout: float | None, nbytes: int, one_frame: bool
+    ) -> None:
         self.next_id += 1
         h = Handle(f"t{self.next_id}")
-        job = Job(self.next_id, h, [b"task %d" % self.next_id], retries, timeout, nbytes)
+        frames: Any = b"task %d" % self.next_id  # bare bytes: prefetched deep when fast
+        if not one_frame:
+            frames = [frames, b"buffer"]
+        job = Job(self.next_id, h, frames, retries, timeout, nbytes)
         self.handles[job.id] = h
         self.jobs.append(job)
         self.budget.queued += nbytes  # taken by the profile before submit
@@ -687,6 +697,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
         if d is None:
             return
+        if self.tokens % 2:
+            d.pace = 0.0  # as if its tasks were short: prefetched up to ``depth`` ahead
         self.sims[d] = SimDaemon(d, before)
         self.s.hello(b"c" + token, "ctrl", token, pid=pid, host=HOST, now=self.now)
         self.flush()
@@ -811,8 +823,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert d.alive and len(d.running) < d.slots and not d.retiring
         for d in s.daemons.values():
             assert len(d.running) <= d.slots
-            if d.next is not None:
+            if d.ahead:
                 assert len(d.running) == d.slots
+                assert len(d.ahead) <= self.depth
+                assert all(j.daemon is d for j in d.ahead)
         # the budget holds exactly the bytes of the jobs waiting in the queue
         assert self.budget.queued == sum(j.nbytes for j in s.queue if j.inq)
 
