@@ -54,11 +54,8 @@ if sys.version_info >= (3, 12):
     from collections.abc import Buffer
 elif TYPE_CHECKING:
     from typing_extensions import Buffer
-else:  # pragma: no cover - runtime alias so annotations resolve without typing_extensions
-    try:
-        from typing_extensions import Buffer
-    except ImportError:
-        Buffer = bytes | bytearray | memoryview
+else:  # pragma: no cover - a runtime alias: importing typing_extensions costs daemons'
+    Buffer = bytes | bytearray | memoryview  # start-up ~1 ms for a name only mypy reads
 
 __all__ = [
     "DEFAULT_TABLE",

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import subprocess
 
 #: Process-directed signals a program may handle; synchronous ones (SIGSEGV, SIGFPE,
 #: SIGPIPE) go to the faulting thread whatever the mask, and blocking them only hurts.
@@ -76,6 +78,8 @@ def start_thread(
 
 def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
     """``subprocess.Popen`` whose child starts with :data:`ASYNC_SIGNALS` unblocked."""
+    import subprocess  # here: daemons import this module and never start processes
+
     old = signal.pthread_sigmask(signal.SIG_UNBLOCK, ASYNC_SIGNALS)
     try:
         return subprocess.Popen(*args, **kwargs)

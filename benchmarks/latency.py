@@ -4,6 +4,7 @@ Run as a script (not a test), from the repository root::
 
     .venv/bin/python benchmarks/latency.py            # full, ~1-2 minutes
     .venv/bin/python benchmarks/latency.py --quick    # smoke run, < 40 s
+    .venv/bin/python benchmarks/latency.py --only startup --startup-reps 15
 
 Everything is measured in the same run on the same machine:
 
@@ -404,6 +405,27 @@ def tp_loky_gather(cfg: Cfg) -> dict[str, Any]:
         ex.shutdown(wait=True, kill_workers=True)
 
 
+def tp_aiomp_map(cfg: Cfg) -> dict[str, Any] | None:
+    """aiomultiprocess ``Pool(2).map`` of a coroutine ``inc`` (its workers run coroutines only)."""
+    try:
+        from aiomultiprocess import Pool
+    except ImportError:
+        return None
+    from _common import ainc
+
+    async def main() -> float:
+        async with Pool(processes=WORKERS, childconcurrency=1) as pool:
+            await pool.map(ainc, range(WARM_TP))
+            t0 = perf()
+            res = await pool.map(ainc, range(cfg.tasks))
+            dt = perf() - t0
+            _check(list(res), cfg.tasks)
+            return dt
+
+    dt = asyncio.run(main())
+    return {"tasks": cfg.tasks, "seconds": dt, "tasks_per_s": cfg.tasks / dt}
+
+
 def tp_loky_map(cfg: Cfg) -> dict[str, Any]:
     from loky import get_reusable_executor
 
@@ -479,6 +501,8 @@ def _startup_child(name: str) -> float:
     raise ValueError(name)
 
 
+SECTIONS = ["roundtrip", "throughput", "startup"]
+
 STARTUP_PEERS = [
     "asyncmirai_asyncio",
     "asyncmirai_sync",
@@ -488,19 +512,35 @@ STARTUP_PEERS = [
 ]
 
 
-def startup(cfg: Cfg, name: str) -> dict[str, Any]:
-    vals = []
-    for _ in range(cfg.startup_reps):
-        r = subprocess.run(
-            [sys.executable, __file__, "--startup-child", name],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"startup child {name} failed: {r.stderr.strip()[-800:]}")
-        vals.append(json.loads(r.stdout.strip().splitlines()[-1])["seconds"])
-    vals.sort()
+def fresh_bytecode() -> None:
+    """Bring asyncmirai's and this directory's ``.pyc`` files up to date before timing.
+
+    Daemons import asyncmirai from the source tree: with PYTHONDONTWRITEBYTECODE=1 (set
+    in some dev shells) and a module edited since its ``.pyc`` was written, every daemon
+    compiled it again (first result ~150 ms instead of ~80 ms with no ``.pyc`` at all,
+    measured), a cost no installed copy has; the peers' modules are compiled already.
+    """
+    import compileall
+
+    for d in (REPO / "asyncmirai", BENCH_DIR):
+        compileall.compile_dir(str(d), maxlevels=0, quiet=1)
+
+
+def startup_once(name: str) -> float:
+    """One fresh interpreter: seconds from pool/daemon creation to the first result."""
+    r = subprocess.run(
+        [sys.executable, __file__, "--startup-child", name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"startup child {name} failed: {r.stderr.strip()[-800:]}")
+    return float(json.loads(r.stdout.strip().splitlines()[-1])["seconds"])
+
+
+def startup_summary(vals: list[float]) -> dict[str, Any]:
+    vals = sorted(vals)
     return {"runs_s": vals, "median_s": vals[len(vals) // 2], "min_s": vals[0]}
 
 
@@ -524,6 +564,7 @@ TP = [
     ("am_collect", "asyncmirai mirai x N + am.collect (in-loop)", tp_am_collect),
     ("am_sync", "asyncmirai mirai x N + .result() (dispatcher thread)", tp_am_sync),
     ("anyio_to_process", "anyio.to_process, CapacityLimiter(2) + task group", tp_anyio),
+    ("aiomp_map", "aiomultiprocess Pool(2).map (coroutine inc)", tp_aiomp_map),
     ("ppe_map", "ProcessPoolExecutor.map(chunksize=1)", tp_ppe_map),
     ("ppe_gather", "ProcessPoolExecutor run_in_executor + gather", tp_ppe_gather),
     ("loky_map", "loky .map(chunksize=1)", tp_loky_map),
@@ -551,11 +592,25 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="fewer calls/tasks (smoke run, < 40 s)")
-    ap.add_argument("--out", default=str(BENCH_DIR / "results" / "latency.json"))
+    ap.add_argument(
+        "--out",
+        help="JSON results file (default: results/latency.json; not written with --only)",
+    )
     ap.add_argument(
         "--cpus",
         help="pin this process and every peer it starts to these CPUs, e.g. '0' or '0,1' "
         "(cross-CPU wake-ups dominate the noise on small VMs)",
+    )
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (repeatable; default: all)",
+    )
+    ap.add_argument(
+        "--startup-reps",
+        type=int,
+        help="fresh interpreters per start-up peer (default 1 quick, 3 full)",
     )
     ap.add_argument("--startup-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -568,6 +623,9 @@ def main() -> None:
 
     faulthandler.dump_traceback_later(600, exit=True)  # never hang forever
     cfg = Cfg(args.quick)
+    if args.startup_reps:
+        cfg.startup_reps = args.startup_reps
+    only = set(args.only or SECTIONS)
     t_start = perf()
     load_before = os.getloadavg()
     errors: dict[str, str] = {}
@@ -584,7 +642,7 @@ def main() -> None:
         f"\n## 1. sequential round trip ({cfg.rounds} interleaved rounds x {cfg.calls} timed calls, "
         f"{cfg.warmup} warm-up per round, {WORKERS} workers; samples pooled)"
     )
-    for _rnd in range(cfg.rounds):
+    for _rnd in range(cfg.rounds if "roundtrip" in only else 0):
         for key, _desc, fn in RT:
             r = _run(f"rt.{key}", lambda fn=fn: fn(cfg), errors)
             if r:
@@ -607,7 +665,7 @@ def main() -> None:
     print(
         f"\n## 2. throughput: {cfg.tasks} tiny tasks, {WORKERS} workers ({cfg.tp_rounds} interleaved rounds)"
     )
-    for rnd in range(cfg.tp_rounds):
+    for rnd in range(cfg.tp_rounds if "throughput" in only else 0):
         for key, _desc, fn in TP:
             if rnd and not tp_runs[key]:
                 continue  # failed or not available in round 0
@@ -635,11 +693,21 @@ def main() -> None:
     print(
         f"\n## 3. start-up to first result, {WORKERS} workers (fresh interpreter, median of {cfg.startup_reps})"
     )
+    if "startup" in only:
+        fresh_bytecode()
+    # Reps interleaved across peers (round robin), so load drift hits every peer alike.
+    st_runs: dict[str, list[float]] = {name: [] for name in STARTUP_PEERS}
+    for rep in range(cfg.startup_reps if "startup" in only else 0):
+        for name in STARTUP_PEERS:
+            if rep and not st_runs[name]:
+                continue  # failed in the first rep
+            v = _run(f"startup.{name}", lambda name=name: startup_once(name), errors)
+            if v is not None:
+                st_runs[name].append(v)
     print(f"{'peer':<52} {'median s':>10} {'min s':>10}")
     for name in STARTUP_PEERS:
-        r = _run(f"startup.{name}", lambda name=name: startup(cfg, name), errors)
-        if r is not None:
-            st[name] = r
+        if st_runs[name]:
+            r = st[name] = startup_summary(st_runs[name])
             print(f"{name:<52} {r['median_s']:>10.3f} {r['min_s']:>10.3f}", flush=True)
 
     def med(k: str) -> float | None:
@@ -678,6 +746,12 @@ def main() -> None:
             "throughput: am gather / anyio.to_process",
             _ratio(tps("am_gather"), tps("anyio_to_process")),
             2.0,
+            "ge",
+        ),
+        (
+            "throughput: am gather / aiomultiprocess Pool.map",
+            _ratio(tps("am_gather"), tps("aiomp_map")),
+            1.0,
             "ge",
         ),
         (
@@ -720,7 +794,9 @@ def main() -> None:
     if errors:
         print(f"# errors: {errors}")
 
-    out = Path(args.out)
+    if args.only and not args.out:
+        return  # a partial run never overwrites the full results
+    out = Path(args.out or BENCH_DIR / "results" / "latency.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
