@@ -24,6 +24,8 @@ pytestmark = pytest.mark.timeout(60)
 # a ZeroMQ daemon, a log_level, a bad command line).
 NOT_AT_STARTUP = [
     "argparse",
+    "subprocess",
+    "typing_extensions",
     "asyncio",
     "anyio",
     "cloudpickle",
