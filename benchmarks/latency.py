@@ -59,6 +59,8 @@ class Cfg:
         self.warmup = 100 if quick else 200
         self.calls = 400 if quick else 800  # timed calls per round
         self.rounds = 1 if quick else 5  # round-trip peers interleaved, to spread load noise
+        self.block = 50  # calls per block in section 1b
+        self.blocks = 6 if quick else 30  # rounds of blocks in section 1b
         self.tp_rounds = 1 if quick else 2
         self.tasks = 4000 if quick else 20_000
         self.startup_reps = 1 if quick else 3
@@ -272,6 +274,114 @@ def rt_loky(cfg: Cfg) -> list[float]:
         return _rt_executor(cfg, ex)
     finally:
         ex.shutdown(wait=True, kill_workers=True)
+
+
+# ---------------------------------------------------------------------------------------
+# 1b. interleaved blocks in one process: every mode against anyio.to_process
+# ---------------------------------------------------------------------------------------
+
+
+def main_inc(x: int) -> int:
+    """``inc`` defined in the script: run as ``python benchmarks/latency.py`` it lives in
+    ``__main__`` and cloudpickle sends it by value (the case of scripts and notebooks)."""
+    return x + 1
+
+
+IL_METHODS = [
+    ("anyio", "anyio.to_process.run_sync (importable inc)"),
+    ("am_inloop", "asyncmirai await, in-loop, importable inc"),
+    ("am_inloop_main", "asyncmirai await, in-loop, __main__ function"),
+    ("am_thread_asyncio", "asyncmirai await, private dispatcher thread (hop)"),
+    ("am_sync", "asyncmirai .result() from a plain thread"),
+    ("am_sync_main", "asyncmirai .result(), __main__ function"),
+]
+
+
+def rt_interleaved(cfg: Cfg) -> dict[str, list[list[float]]]:
+    """Blocks of ``cfg.block`` sequential calls per method, rotated ``cfg.blocks`` times in
+    one process and one asyncio loop, so load drift hits every method alike; returns the
+    seconds per call, by method and block (paired ratios use the same round's blocks).
+
+    Profiles: ``il-loop`` started in the loop (in-loop dispatcher), ``il-thread`` started
+    before it (private dispatcher thread), awaited from the loop ("hop") and waited on
+    with ``.result()`` from a worker thread that has no loop (a plain script's path)."""
+    import anyio
+    import anyio.to_process
+
+    import asyncmirai as am
+
+    blocks: dict[str, list[list[float]]] = {k: [] for k, _ in IL_METHODS}
+    n = cfg.block
+
+    def sync_block(fn: Callable[[int], int]) -> list[float]:
+        out = []
+        for i in range(n):
+            t0 = perf()
+            am.mirai(fn, i, _compute="il-thread").result()
+            out.append(perf() - t0)
+        return out
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def await_block(fn: Callable[[int], int], compute: str) -> list[float]:
+            out = []
+            for i in range(n):
+                t0 = perf()
+                await am.mirai(fn, i, _compute=compute)
+                out.append(perf() - t0)
+            return out
+
+        async def anyio_block() -> list[float]:
+            out = []
+            for i in range(n):
+                t0 = perf()
+                await anyio.to_process.run_sync(inc, i)
+                out.append(perf() - t0)
+            return out
+
+        runs = {
+            "anyio": anyio_block,
+            "am_inloop": lambda: await_block(inc, "il-loop"),
+            "am_inloop_main": lambda: await_block(main_inc, "il-loop"),
+            "am_thread_asyncio": lambda: await_block(inc, "il-thread"),
+            "am_sync": lambda: loop.run_in_executor(None, sync_block, inc),
+            "am_sync_main": lambda: loop.run_in_executor(None, sync_block, main_inc),
+        }
+        async with am.daemons(WORKERS, compute="il-loop"):
+            for _ in range(3):  # warm-up: pools started, caches filled
+                for run in runs.values():
+                    await run()
+            for _ in range(cfg.blocks):
+                for key, run in runs.items():
+                    blocks[key].append(await run())
+
+    with am.daemons(WORKERS, compute="il-thread"):  # outside any loop: private thread
+        anyio.run(main, backend="asyncio")
+    return blocks
+
+
+def interleaved_summary(blocks: dict[str, list[list[float]]]) -> dict[str, Any]:
+    """Median per method, and the median over rounds of (method's block median /
+    anyio's block median in the same round), with its quartiles."""
+    import statistics
+
+    out: dict[str, Any] = {}
+    base = [statistics.median(b) for b in blocks["anyio"]]
+    for key, desc in IL_METHODS:
+        if not blocks.get(key):
+            continue
+        meds = [statistics.median(b) for b in blocks[key]]
+        ratios = sorted(m / a for m, a in zip(meds, base, strict=True))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        out[key] = {
+            "desc": desc,
+            "median_us": statistics.median([x for b in blocks[key] for x in b]) * 1e6,
+            "ratio_vs_anyio": statistics.median(ratios),
+            "ratio_q1": q[0],
+            "ratio_q3": q[2],
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -660,6 +770,24 @@ def main() -> None:
             flush=True,
         )
 
+    il: dict[str, Any] = {}
+    print(
+        f"\n## 1b. round trip, interleaved blocks in one process ({cfg.blocks} rounds x "
+        f"{cfg.block} calls per method; ratio = median over rounds of block median / "
+        "anyio's block median in the same round)"
+    )
+    if "roundtrip" in only:
+        blocks = _run("rt.interleaved", lambda: rt_interleaved(cfg), errors)
+        if blocks:
+            il = interleaved_summary(blocks)
+    print(f"{'method':<52} {'median us':>10} {'x anyio':>8} {'q1':>6} {'q3':>6}")
+    for r in il.values():
+        print(
+            f"{r['desc']:<52} {r['median_us']:>10.1f} {r['ratio_vs_anyio']:>8.2f} "
+            f"{r['ratio_q1']:>6.2f} {r['ratio_q3']:>6.2f}",
+            flush=True,
+        )
+
     tp: dict[str, Any] = {}
     tp_runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in TP}
     print(
@@ -716,8 +844,16 @@ def main() -> None:
     def tps(k: str) -> float | None:
         return tp.get(k, {}).get("tasks_per_s")
 
+    def ilr(k: str) -> float | None:
+        return il.get(k, {}).get("ratio_vs_anyio")
+
     # (name, value, target, "le"/"ge")
     ratios: list[tuple[str, float | None, float, str]] = [
+        ("rt interleaved: am in-loop / anyio", ilr("am_inloop"), 0.8, "le"),
+        ("rt interleaved: am in-loop __main__ fn / anyio", ilr("am_inloop_main"), 0.8, "le"),
+        ("rt interleaved: am thread-hop await / anyio", ilr("am_thread_asyncio"), 1.2, "le"),
+        ("rt interleaved: am .result() / anyio", ilr("am_sync"), 1.2, "le"),
+        ("rt interleaved: am .result() __main__ fn / anyio", ilr("am_sync_main"), 1.2, "le"),
         (
             "rt median: am in-loop / anyio.to_process",
             _ratio(med("am_inloop"), med("anyio_to_process")),
@@ -811,6 +947,7 @@ def main() -> None:
                 "loadavg_after": load_after,
                 "config": {k: v for k, v in vars(cfg).items()},
                 "round_trip_us": rt,
+                "round_trip_interleaved": il,
                 "throughput": tp,
                 "startup": st,
                 "ratios": ratio_json,
