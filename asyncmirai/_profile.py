@@ -261,6 +261,14 @@ class Profile:
                 "Mirai.result() was called on the thread that runs the dispatcher's event "
                 "loop, so it could never resolve: use `await m` there instead"
             )
+        d = self.dispatcher
+        if d is not None and d.lock._is_owned():  # type: ignore[attr-defined]
+            # in a done-callback run while this thread resolved handles for the
+            # dispatcher: blocking here could hold up the loop's thread for good
+            raise RuntimeError(
+                "Mirai.result() was called from a done-callback of another handle of the "
+                "same profile: schedule the work elsewhere (a thread, or await it)"
+            )
 
     def wait(self, handle: Mirai[Any], timeout: float | None) -> bool:
         """Block until ``handle`` resolves (not on the loop's thread); False on timeout."""

@@ -191,3 +191,25 @@ def test_reset_while_another_loop_awaits(tmp_path: Path) -> None:
     am.daemons(1)  # a new profile works after the watched channel was closed
     assert am.mirai(abs, -4).result(30) == 4
     am.daemons(0)
+
+
+def test_blocking_in_a_done_callback_is_refused_not_deadlocked() -> None:
+    """A done-callback runs on the thread that resolved the handle, holding the
+    dispatcher's lock (a script's thread now, as the loop's thread before): a blocking
+    result() there raises at once, as it always did on the loop's thread."""
+    with am.daemons(1):
+        am.mirai(abs, -1).result(30)
+        seen: list[BaseException] = []
+
+        def blocks(_: object) -> None:
+            try:
+                am.mirai(abs, -2).result(30)
+            except RuntimeError as exc:
+                seen.append(exc)
+
+        m = am.mirai(abs, -3)
+        m.add_done_callback(blocks)
+        assert m.result(30) == 3
+        until(lambda: bool(seen), "the callback to run")
+        assert "done-callback" in str(seen[0]) or "event loop" in str(seen[0])
+        assert am.mirai(abs, -4).result(30) == 4  # nothing stuck
