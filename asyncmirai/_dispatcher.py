@@ -247,7 +247,17 @@ class Dispatcher:
             ch.watch_from(loop, lambda: self._read_for(ch, loop))
         finally:
             self.lock.release()
-        return lambda: self._unwatch(ch, loop)
+        # Ended one loop turn later, not at once: a coroutine that awaits one task after
+        # another starts its next await (which counts the watch up again) before that,
+        # so the channel stays watched by that loop, with no epoll_ctl per await.
+
+        def end() -> None:
+            try:
+                loop.call_soon(self._unwatch, ch, loop)
+            except RuntimeError:  # that loop is closing: now, then
+                self._unwatch(ch, loop)
+
+        return end
 
     def _read_for(self, ch: LoopChannel, loop: asyncio.AbstractEventLoop) -> None:
         """The reader :meth:`watch` puts on an awaiting loop."""
@@ -600,6 +610,10 @@ class Dispatcher:
             return
         self._on_readable()
         self._on_monitor()
+        with self.lock:  # loops that closed while watching a channel: hand it back
+            for ch in list(self.channels.values()):
+                for other in [lp for lp in ch.watchers if lp.is_closed()]:
+                    ch.unwatch_from(other, all=True)
         self._safety = self.loop.call_later(1.0, self._safety_tick)
 
     # -- messages ------------------------------------------------------------------

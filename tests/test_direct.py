@@ -213,3 +213,26 @@ def test_blocking_in_a_done_callback_is_refused_not_deadlocked() -> None:
         until(lambda: bool(seen), "the callback to run")
         assert "done-callback" in str(seen[0]) or "event loop" in str(seen[0])
         assert am.mirai(abs, -4).result(30) == 4  # nothing stuck
+
+
+def test_a_loop_closed_while_watching_gives_the_channel_back(tmp_path: Path) -> None:
+    """An awaiting loop that closes before its watch ends (its hand-back is scheduled on
+    it and never runs): the dispatcher's once-a-second check takes the channel back, and
+    answers nobody waits for are read again."""
+    import asyncio
+
+    go = str(tmp_path / "go")
+    with am.daemons(1):
+        am.mirai(abs, -1).result(30)
+        m = am.mirai(wait_for_file, go, 5)
+        until(lambda: m.state == "running", "the task to be sent")
+        d = profiles["default"].dispatcher
+        assert d is not None
+        other = asyncio.new_event_loop()
+        assert d.watch(m, other) is not None  # claimed for a loop that never runs
+        other.close()
+        done = threading.Event()
+        m.add_done_callback(lambda _: done.set())
+        Path(go).touch()
+        assert done.wait(30)
+        assert m.result(0) == 5
