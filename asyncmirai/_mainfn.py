@@ -32,6 +32,7 @@ from __future__ import annotations
 import dis
 import pickle
 import sys
+import weakref
 from types import BuiltinFunctionType, CodeType, FunctionType, ModuleType
 from typing import Any
 
@@ -144,7 +145,9 @@ def _meta(fn: FunctionType) -> tuple[Any, ...]:
     return (fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__, fn.__annotations__)
 
 
-_entries: dict[FunctionType, _Entry | None] = {}
+#: Weak keys: a cached function (a lambda made per call, a closure over a large object)
+#: is not kept alive by the cache.
+_entries: weakref.WeakKeyDictionary[FunctionType, _Entry | None] = weakref.WeakKeyDictionary()
 
 
 class _ByValue:

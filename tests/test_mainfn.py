@@ -164,3 +164,15 @@ def test_calls_see_the_values_of_now(daemon: None, ns: dict[str, Any]) -> None:
 def test_global_writes_on_the_daemon_do_not_stick(daemon: None, ns: dict[str, Any]) -> None:
     # without the cache every call unpickles a fresh copy of the host's N = 0
     assert [run(ns["bump"]) for _ in range(3)] == [1, 1, 1]
+
+
+def test_the_cache_does_not_keep_functions_alive(ns: dict[str, Any]) -> None:
+    import gc
+    import weakref
+
+    fn = ns["plain"]
+    assert _mainfn.by_value(fn) is not None
+    ref = weakref.ref(fn)
+    del fn, ns["plain"]
+    gc.collect()
+    assert ref() is None
