@@ -7,10 +7,12 @@ still resolves exactly once, whoever reads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,21 +44,29 @@ def until(cond: object, what: str, timeout: float = 30) -> None:
         time.sleep(0.005)
 
 
+@contextlib.contextmanager
+def loop_stuck() -> Iterator[None]:
+    """The default profile's dispatcher loop blocked in a callback inside the block."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        entered.set()
+        gate.wait(60)
+
+    profiles["default"].loop.call_soon_threadsafe(stuck)
+    assert entered.wait(30)
+    try:
+        yield
+    finally:
+        gate.set()
+
+
 def test_result_needs_no_loop_thread() -> None:
     """With the loop thread stuck in a callback, a script still submits, and its
     result() reads the answer itself (before: both were hops through that thread)."""
     with am.daemons(1):
         am.mirai(abs, -1).result(30)  # connected
-        loop = profiles["default"].loop
-        entered, gate = threading.Event(), threading.Event()
-
-        def stuck() -> None:
-            entered.set()
-            gate.wait(60)
-
-        loop.call_soon_threadsafe(stuck)
-        assert entered.wait(30)
-        try:
+        with loop_stuck():
             me = threading.get_ident()
             for i in range(20):
                 m = am.mirai(abs, -i)
@@ -64,8 +74,6 @@ def test_result_needs_no_loop_thread() -> None:
                 m.add_done_callback(lambda _, r=resolved_on: r.append(threading.get_ident()))
                 assert m.result(30) == i
                 assert resolved_on == [me]
-        finally:
-            gate.set()
         assert am.mirai(abs, -2).result(30) == 2  # and the loop thread reads again
 
 
@@ -145,24 +153,13 @@ def test_another_loop_awaiting_reads_its_answers_itself() -> None:
 
     with am.daemons(2):
         am.mirai(abs, -1).result(30)
-        loop = profiles["default"].loop
-        entered, gate = threading.Event(), threading.Event()
-
-        def stuck() -> None:
-            entered.set()
-            gate.wait(60)
-
-        loop.call_soon_threadsafe(stuck)
-        assert entered.wait(30)
 
         async def main() -> list[int]:
             one = [await am.mirai(abs, -i) for i in range(10)]  # one at a time
             return one
 
-        try:
+        with loop_stuck():
             assert asyncio.run(main()) == list(range(10))
-        finally:
-            gate.set()
 
         async def many() -> list[int]:  # queued ones resolve through the loop thread
             return await asyncio.gather(*(am.mirai(abs, -i) for i in range(500)))
