@@ -302,6 +302,9 @@ def io_am(k: int, n: int) -> float:
 
     async def main() -> float:
         async with am.daemons(WORKERS, concurrency=k):
+            # Warm every daemon, as pool.map(noop) warms every aiomultiprocess child: 8
+            # tasks fit in one daemon's slots when k > 4, and would all go to it.
+            await am.everywhere(noop, 0)
             await asyncio.gather(*[am.mirai(noop, i) for i in range(4 * WORKERS)])
             t0 = perf()
             res = await asyncio.gather(*[am.mirai(io_task, i) for i in range(n)])

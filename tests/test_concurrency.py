@@ -453,6 +453,33 @@ def test_concurrency_one_keeps_coroutines_on_the_main_thread(start: Any) -> None
     assert res == (True, h.proc.pid)
 
 
+_ARRIVES = """
+def asyncio_arrives(timeout):
+    deadline = time.monotonic() + timeout
+    while "asyncio" not in sys.modules:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+"""
+
+
+def test_a_coroutine_daemon_imports_asyncio_before_its_first_coroutine(start: Any) -> None:
+    # A plain task sees asyncio arrive without any coroutine task: the import (~20 ms)
+    # is not paid inside the first coroutine task.  With concurrency=1 nothing imports it.
+    # The function is sent by value (this module imports asyncio: by reference, loading
+    # it in the daemon would import asyncio too).
+    ns: dict[str, Any] = {"time": time, "sys": sys, "__name__": "not_importable"}
+    exec(_ARRIVES, ns)
+    asyncio_arrives = ns["asyncio_arrives"]
+    h = start(concurrency=1)
+    h.send(1, asyncio_arrives, 0.5)
+    assert h.results(1) == {1: False}
+    h = start(concurrency=4)
+    h.send(1, asyncio_arrives, WAIT)
+    assert h.results(1) == {1: True}
+
+
 # -- end to end: am.daemons(n, concurrency=k) ------------------------------------------
 async def _appear(paths: list[Path], timeout: float = WAIT) -> None:
     import anyio
