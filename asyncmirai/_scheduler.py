@@ -946,8 +946,7 @@ class Scheduler:
         live = [d for d in self.daemons.values() if d.ident is not None and d.alive]
         return {
             "connections": len(live),
-            "awaiting": self.queued
-            + sum(1 for d in live for j in d.ahead if not j.done),
+            "awaiting": self.queued + sum(1 for d in live for j in d.ahead if not j.done),
             "executing": sum(len(d.running) for d in live),
             "completed": self.counters["completed"],
             "daemons": [d.row() for d in live],

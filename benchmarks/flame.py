@@ -77,13 +77,29 @@ def record(mode: str, seconds: float, out_dir: Path) -> dict[str, object]:
             # sample only the steady state: after the child's warm-up, for ``seconds``
             child = subprocess.Popen(
                 [sys.executable, str(script), mode, str(seconds + 5)],
-                env=env, stdout=subprocess.PIPE, text=True,
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
             )
             assert child.stdout is not None and child.stdout.readline().strip() == "ready"
             subprocess.run(
-                [py_spy, "record", "--pid", str(child.pid), "--subprocesses", "--rate", "499",
-                 "--duration", str(int(seconds)), "--format", fmt, "-o", str(path)],
-                check=True, capture_output=True,
+                [
+                    py_spy,
+                    "record",
+                    "--pid",
+                    str(child.pid),
+                    "--subprocesses",
+                    "--rate",
+                    "499",
+                    "--duration",
+                    str(int(seconds)),
+                    "--format",
+                    fmt,
+                    "-o",
+                    str(path),
+                ],
+                check=True,
+                capture_output=True,
             )
             child.wait(60)
         return summarize(raw.read_text(), mode, out_dir)

@@ -652,9 +652,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         nbytes=st.integers(0, 100),
         one_frame=st.booleans(),
     )
-    def submit(
-        self, retries: int, timeout: float | None, nbytes: int, one_frame: bool
-    ) -> None:
+    def submit(self, retries: int, timeout: float | None, nbytes: int, one_frame: bool) -> None:
         self.next_id += 1
         h = Handle(f"t{self.next_id}")
         frames: Any = b"task %d" % self.next_id  # bare bytes: prefetched deep when fast
