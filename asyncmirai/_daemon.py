@@ -69,6 +69,8 @@ if TYPE_CHECKING:
 
     import zmq
 
+    from . import _otel
+
 __all__ = ["main", "register_serial", "run_daemon"]
 
 #: Exit codes a daemon uses, so the host can say why one went away.
@@ -861,6 +863,8 @@ class Daemon:
         """
         tid = msg.id
         value: Any = None
+        inner: Any = None  # a traced coroutine's own awaitable (``value`` wraps it)
+        span: _otel._RunSpan | None = None
         try:
             try:
                 with self.lock:
@@ -880,14 +884,24 @@ class Daemon:
                     self.current = tid
                 if msg.extra:
                     apply_seed(msg.extra.get("seed"))
+                    if "otel" in msg.extra:
+                        from . import _otel
+
+                        span = _otel.daemon_span(msg.extra, tid)  # None unless traced here
                 kind, fn, args, kwargs = _codecs.loads(
                     msg.body, msg.descriptors, msg.buffers, self.table
                 )
                 if kind == CODE:
-                    value = eval_code(fn, dict(kwargs))
+                    if span is None:
+                        value = eval_code(fn, dict(kwargs))
+                    else:
+                        with span:
+                            value = eval_code(fn, dict(kwargs))
                 else:
-                    value = fn(*args, **kwargs)
+                    value = fn(*args, **kwargs) if span is None else span.call(fn, args, kwargs)
                     if hasattr(value, "__await__"):
+                        if span is not None:  # ends when the coroutine does, on its loop
+                            inner, value = value, _otel.traced(span, value)
                         loop = self._coroutine_loop()
                         with self.lock:
                             # A cancel that found this task in ``current`` chose SIGINT;
@@ -919,9 +933,12 @@ class Daemon:
             with self.lock:
                 self.current = None
                 self.cancel_target = None
-            close = getattr(value, "close", None)  # a coroutine that will never run
-            if close is not None and hasattr(value, "__await__"):
-                close()
+            for aw in (value, inner):  # coroutines that will never run
+                close = getattr(aw, "close", None)
+                if close is not None and hasattr(aw, "__await__"):
+                    close()
+            if span is not None:
+                span.finish(_HostCancel, None)
             why = self._count_done()
             if why:
                 self.task.send(_protocol.encode(Retire(why)))

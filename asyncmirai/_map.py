@@ -422,12 +422,22 @@ class _WindowedMap(MiraiMap[T]):
         self._ctx = contextvars.copy_context()
         self._progress = _make_progress(total, progress)
         self._bar_closed = False
+        # Tracing on: one parent span in the caller's context, the tasks' spans its
+        # children whenever they are submitted; it ends when the map finishes.
+        attrs: dict[str, Any] = {"asyncmirai.map.window": window}
+        if total is not None:
+            attrs["asyncmirai.map.size"] = total
+        self._group = _otel.group(f"mirai_map {_otel.span_name(fn)}", attrs)
+        if self._group is not None:
+            self._group.more = True
         if not self._is_async:
             try:
                 self._fill_sync(initial=True)
             except BaseException:
                 self.cancel()
                 self._close_progress()
+                if self._group is not None:
+                    self._group.close()
                 raise
 
     # -- the handle's surface -------------------------------------------------------
@@ -488,6 +498,8 @@ class _WindowedMap(MiraiMap[T]):
                 return
             self._bar_closed = True
         self._close_progress()
+        if self._group is not None:
+            self._group.finish({"asyncmirai.map.size": self._pulled})
 
     def _mark_exhausted(self) -> None:
         with self._lock:
@@ -566,6 +578,8 @@ class _WindowedMap(MiraiMap[T]):
         return self._prepare(rows, len(rows) < n)
 
     def _register(self, m: Mirai[Any], call: _Call) -> None:
+        if self._group is not None:
+            self._group.follow([m])
         with self._lock:
             t = self._ntasks
             self._ntasks += 1
@@ -590,12 +604,17 @@ class _WindowedMap(MiraiMap[T]):
                 call = self._read_sync()
                 if call is None:
                     return
+            group = self._group
+            token = group.enter() if group is not None else None
             try:
                 m = mirai(call[0], *call[1], **call[2])
             except full:  # mirai_map() on a loop thread with a full budget: keep it for later
                 with self._lock:
                     self._carry = call
                 return
+            finally:
+                if group is not None:
+                    group.leave(token)
             self._register(m, call)
 
     async def _fill_async(self) -> None:
@@ -611,10 +630,16 @@ class _WindowedMap(MiraiMap[T]):
                 call = await self._read_async()
                 if call is None:
                     return
-            if submit is not None:
-                m = await submit(call[0], *call[1], **call[2])
-            else:
-                m = _api.mirai(call[0], *call[1], **call[2])
+            group = self._group
+            token = group.enter() if group is not None else None
+            try:
+                if submit is not None:
+                    m = await submit(call[0], *call[1], **call[2])
+                else:
+                    m = _api.mirai(call[0], *call[1], **call[2])
+            finally:
+                if group is not None:
+                    group.leave(token)
             self._register(m, call)
 
     # -- consuming ------------------------------------------------------------------

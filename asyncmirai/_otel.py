@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["RECORDS", "Record", "begin", "daemon_span", "profile_started", "sent"]
@@ -361,7 +362,7 @@ class Group:
     """A parent span for several tasks (``mirai_map``, ``everywhere``): entered while
     the tasks are submitted (their spans become its children), ended when all resolve."""
 
-    __slots__ = ("span", "pending", "lock", "closed", "failed")
+    __slots__ = ("span", "pending", "lock", "closed", "failed", "more")
 
     def __init__(self, span: Any) -> None:
         import threading
@@ -371,6 +372,9 @@ class Group:
         self.lock = threading.Lock()
         self.closed = False
         self.failed: str | None = None
+        # More tasks may come (a windowed map): the span outlives a moment with none
+        # pending, until :meth:`finish`.
+        self.more = False
 
     def carrier(self) -> dict[str, Any]:
         """A header ``extra`` with this span's trace context (``everywhere()`` setups)."""
@@ -408,7 +412,20 @@ class Group:
             if outcome != "value" and self.failed is None:
                 self.failed = error_type or outcome
             self.pending -= 1
+            last = self.pending == 0 and not self.more
+        if last:
+            self.close()
+
+    def finish(self, attributes: dict[str, Any]) -> None:
+        """No more tasks will join (a windowed map read its input, or stopped): set
+        ``attributes`` and end the span once those in flight resolve."""
+        with self.lock:
+            if self.closed or not self.more:
+                return
+            self.more = False
             last = self.pending == 0
+        for k, v in attributes.items():
+            self.span.set_attribute(k, v)
         if last:
             self.close()
 
@@ -437,7 +454,7 @@ class _RunSpan:
     """The daemon's span around one call, current while it runs (so the user's spans
     are its children)."""
 
-    __slots__ = ("tracer", "ctx", "name", "attrs", "span", "token")
+    __slots__ = ("tracer", "ctx", "name", "attrs", "span", "token", "run_ctx", "ended")
 
     def __init__(self, tracer: Any, ctx: Any, name: str, attrs: dict[str, Any]) -> None:
         self.tracer = tracer
@@ -446,32 +463,58 @@ class _RunSpan:
         self.attrs = attrs
         self.span: Any = None
         self.token: Any = None
+        self.run_ctx: Any = None
+        self.ended = False
+
+    def start(self) -> Any:
+        """Open the span (once); returns the context the task runs in."""
+        if self.run_ctx is None:
+            from opentelemetry import trace
+
+            if self.tracer is not None:
+                self.span = self.tracer.start_span(
+                    self.name, context=self.ctx, kind=trace.SpanKind.SERVER, attributes=self.attrs
+                )
+                self.run_ctx = trace.set_span_in_context(self.span, self.ctx)
+            else:  # no provider here: the caller's context, for a provider of the user's
+                self.run_ctx = self.ctx
+        return self.run_ctx
 
     def __enter__(self) -> _RunSpan:
-        from opentelemetry import context, trace
+        from opentelemetry import context
 
-        if self.tracer is not None:
-            self.span = self.tracer.start_span(
-                self.name, context=self.ctx, kind=trace.SpanKind.SERVER, attributes=self.attrs
-            )
-            ctx = trace.set_span_in_context(self.span, self.ctx)
-        else:  # no provider here: the caller's context still, for a provider of the user's
-            ctx = self.ctx
-        self.token = context.attach(ctx)
+        self.token = context.attach(self.start())
         return self
 
     def __exit__(self, tp: Any, exc: Any, tb: Any) -> None:
+        _detach(self.token)
+        self.finish(tp, exc)
+
+    def call(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` inside the span.  The span stays open when the call
+        returns an awaitable: :func:`traced` then runs that awaitable and ends it."""
         from opentelemetry import context
 
+        token = context.attach(self.start())
         try:
-            context.detach(self.token)
-        except Exception:  # a cancel landed between attach and here: nothing to undo
-            pass
+            value = fn(*args, **kwargs)
+        except BaseException as exc:
+            _detach(token)
+            self.finish(type(exc), exc)
+            raise
+        _detach(token)
+        if not hasattr(value, "__await__"):
+            self.finish(None, None)
+        return value
+
+    def finish(self, tp: Any, exc: Any) -> None:
+        """End the span with the outcome (once)."""
         span = self.span
-        if span is None:
+        if span is None or self.ended:
             return
+        self.ended = True
         if tp is not None:
-            if tp.__name__ == "_HostCancel":
+            if tp.__name__ in ("_HostCancel", "CancelledError"):
                 span.set_attribute("asyncmirai.outcome", "cancelled")
             else:
                 from opentelemetry.trace import Status, StatusCode
@@ -484,6 +527,33 @@ class _RunSpan:
         else:
             span.set_attribute("asyncmirai.outcome", "value")
         span.end()
+
+
+def _detach(token: Any) -> None:
+    from opentelemetry import context
+
+    try:
+        context.detach(token)
+    except Exception:  # a cancel landed between attach and here: nothing to undo
+        pass
+
+
+async def traced(span: _RunSpan, awaitable: Any) -> Any:
+    """Await a coroutine task (on a daemon's coroutine loop) with its run span current
+    in this asyncio task only, so the user's spans inside it are that span's children,
+    not those of another coroutine running beside it; the span ends with the task."""
+    from opentelemetry import context
+
+    token = context.attach(span.start())
+    try:
+        value = await awaitable
+    except BaseException as exc:
+        _detach(token)
+        span.finish(type(exc), exc)
+        raise
+    _detach(token)
+    span.finish(None, None)
+    return value
 
 
 def daemon_span(extra: Any, tid: int, pid: int = 0) -> _RunSpan | None:

@@ -79,6 +79,20 @@ def traced_work(x: int) -> int:
         return os.getpid()
 
 
+async def traced_async_work(x: int, gate: str) -> int:
+    """A coroutine task that opens a span of its own, then waits for ``gate`` (so the
+    test sees several of them in flight on one daemon at once)."""
+    import asyncio
+
+    from opentelemetry import trace as t
+
+    with t.get_tracer("user").start_as_current_span("inner async") as span:
+        span.set_attribute("x", x)
+        while not os.path.exists(gate):
+            await asyncio.sleep(0.005)
+        return x
+
+
 def noop() -> int:
     return os.getpid()
 
@@ -273,6 +287,92 @@ def test_map_and_everywhere_have_one_parent_span(tel: Telemetry, tmp_path: Path)
     assert sorted(s["pid"] for s in runs) == sorted(pids)  # one child per daemon
     assert all(s["parent"] == ev.context.span_id for s in runs)
     assert all(s["trace_id"] == ev.context.trace_id for s in runs)
+
+
+def test_windowed_map_has_one_parent_span(tel: Telemetry) -> None:
+    def source() -> Iterator[int]:
+        yield from range(5)
+
+    async def agen() -> Any:
+        for i in range(4):
+            yield i
+
+    async def consume() -> list[Any]:
+        return [iv async for iv in am.mirai_map(double, agen(), _window=2, _chunksize=3)]
+
+    with am.daemons(2):
+        assert am.mirai_map(double, source(), _window=2).result(30) == [0, 2, 4, 6, 8]
+        [parent] = _done(tel, "mirai_map double")
+        kids = _done(tel, "double", 5)
+        assert all(k.parent.span_id == parent.context.span_id for k in kids)
+        attrs = dict(parent.attributes or {})
+        assert attrs["asyncmirai.map.size"] == 5 and attrs["asyncmirai.map.window"] == 2
+        assert "error.type" not in attrs
+
+        tel.spans.clear()
+        import asyncio
+
+        assert sorted(asyncio.run(consume())) == [(0, 0), (1, 2), (2, 4), (3, 6)]
+        [aparent] = _done(tel, "mirai_map double")
+        chunks = _done(tel, "double", 2)  # chunks of 3 and 1
+        assert all(c.parent.span_id == aparent.context.span_id for c in chunks)
+        assert dict(aparent.attributes or {})["asyncmirai.map.size"] == 4
+
+        tel.spans.clear()
+        import helpers_mod
+
+        m = am.mirai_map(helpers_mod.boom, iter(["x", "y"]), _window=1, _stop=True)
+        with pytest.raises(ValueError):
+            m.result(30)
+        [fparent] = _done(tel, "mirai_map boom")
+        assert dict(fparent.attributes or {})["error.type"] == "ValueError"
+
+
+def test_coroutine_slots_trace_each_task(tel: Telemetry, tmp_path: Path) -> None:
+    """``daemons(concurrency=k)``: every task, plain or coroutine, gets its run span on
+    the daemon, a child of its host span, and the user's spans inside a coroutine are
+    children of that task's run span (not of another coroutine running beside it)."""
+    path = tmp_path / "daemon-spans.jsonl"
+    gate = tmp_path / "gate"
+    with am.daemons(1, concurrency=5):
+        am.everywhere(setup_daemon_tracing, str(path)).result(30)
+        with trace.get_tracer("test").start_as_current_span("request"):
+            ms = [am.mirai(traced_async_work, i, str(gate)) for i in range(3)]
+            gone = am.mirai(traced_async_work, 99, str(tmp_path / "never"))
+            plain = am.mirai(traced_work, 5).result(30)  # runs while the three wait
+            assert gone.cancel()
+            gate.touch()
+            assert [m.result(30) for m in ms] == [0, 1, 2]
+        assert isinstance(plain, int)
+        # the cancelled coroutine's run span is written when it stops on the daemon
+        pause = threading.Event()
+        for _ in range(3000):
+            runs = [s for s in read_daemon_spans(path) if s["name"] == "run traced_async_work"]
+            if len(runs) == 4:
+                break
+            pause.wait(0.01)
+    hosts = {
+        s.attributes["asyncmirai.task.id"]: s
+        for s in tel.finished()
+        if s.attributes and "asyncmirai.task.id" in s.attributes
+    }
+    spans = read_daemon_spans(path)
+    runs = {s["attributes"]["asyncmirai.task.id"]: s for s in spans if s["name"].startswith("run ")}
+    inner = [s for s in spans if s["name"] in ("inner", "inner async")]
+    assert len(inner) == 5  # 3 finished coroutines, the cancelled one, the plain task
+    for s in inner:
+        run = next(r for r in runs.values() if r["span_id"] == s["parent"])
+        host = hosts[run["attributes"]["asyncmirai.task.id"]]
+        assert run["parent"] == host.context.span_id
+        assert run["trace_id"] == s["trace_id"] == host.context.trace_id
+        x = s["attributes"]["x"]
+        assert host.name == ("traced_work" if x == 5 else "traced_async_work")
+    outcomes = sorted(
+        r["attributes"]["asyncmirai.outcome"]
+        for r in runs.values()
+        if r["name"] in ("run traced_work", "run traced_async_work")
+    )
+    assert outcomes == ["cancelled", "value", "value", "value", "value"]
 
 
 def test_metrics(tel: Telemetry) -> None:
