@@ -562,7 +562,10 @@ def launch_remote(n: int = 1, *, remote: Any = None, compute: str | None = None)
     for i in range(n):
         argv = prof.daemon_command(python=python, launch=f"remote-{os.getpid()}-{i}", remote=True)
         if remote is not None and hasattr(remote, "rewrite_url"):
-            argv[4] = remote.rewrite_url(argv[4])
+            argv[4] = remote.rewrite_url(argv[4])  # ssh tunnel: the tunnel's remote end
+        # A wildcard (url="tcp://0.0.0.0:0") is where the host listens, not an address
+        # another machine can dial: daemons get this machine's network address.
+        argv[4] = dial_url(argv[4])
         # ``python`` is a shell fragment ("env X=1 python", "conda run -n env python"):
         # written as is, not quoted as one word.
         cmd = f"{python} {shlex.join(argv[1:])}"
@@ -584,15 +587,65 @@ def _takes_url(remote: Any) -> bool:
         return False
 
 
-def host_url(port: int = 0, *, ipv6: bool = False) -> str:
-    """A tcp URL on this machine's network address, for remote daemons to dial."""
-    if ipv6:
-        return f"tcp://[::]:{port}"
+def _network_address(ipv6: bool = False) -> str:
+    """This machine's address that other machines reach it at (as mirai's
+    ``host_url()`` does): the host name's address unless that is a loopback one (many
+    Debian-style systems map the host name to 127.0.x.1), else the source address the
+    kernel picks for a route outwards (a UDP ``connect`` sends no packet), else the
+    loopback address."""
+    import ipaddress
+
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
     try:
-        addr = socket.gethostbyname(socket.gethostname())
-    except OSError:
-        addr = "127.0.0.1"
-    return f"tcp://{addr}:{port}"
+        infos = socket.getaddrinfo(socket.gethostname(), None, family, socket.SOCK_STREAM)
+        for info in infos:
+            addr = str(info[4][0])
+            ip = ipaddress.ip_address(addr.split("%")[0])
+            if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified):
+                return addr
+    except (OSError, ValueError):
+        pass
+    # Documentation prefixes (RFC 5737 / RFC 3849): only the route is looked up.
+    probe = ("2001:db8::1", 9) if ipv6 else ("198.51.100.1", 9)
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(probe)
+            addr = str(s.getsockname()[0])
+        ip = ipaddress.ip_address(addr.split("%")[0])
+        if not (ip.is_loopback or ip.is_unspecified):
+            return addr
+    except (OSError, ValueError):
+        pass
+    return "::1" if ipv6 else "127.0.0.1"
+
+
+def host_url(port: int = 0, *, ipv6: bool = False) -> str:
+    """A tcp URL on this machine's network address, for remote daemons to dial (and
+    for the host to listen on): e.g. ``tcp://10.1.2.3:0``; the loopback address when
+    this machine has no other."""
+    addr = _network_address(ipv6)
+    return f"tcp://[{addr}]:{port}" if ipv6 else f"tcp://{addr}:{port}"
+
+
+_WILDCARDS = ("*", "0.0.0.0", "::", "")
+
+
+def dial_url(url: str) -> str:
+    """The URL other machines dial for a host listening on ``url``: a wildcard address
+    (``tcp://0.0.0.0:PORT``, ``tcp://*:PORT``, ``tcp://[::]:PORT``) is replaced by this
+    machine's network address; anything else is returned as is."""
+    import re
+
+    m = re.fullmatch(r"tcp://(\[[^\]]*\]|[^:/\[\]]*):(\d+)/?", url.strip())
+    if m is None:
+        return url
+    bare = m.group(1).strip("[]")
+    if bare not in _WILDCARDS:
+        return url
+    ipv6 = m.group(1).startswith("[")
+    addr = _network_address(ipv6)
+    host = f"[{addr}]" if ipv6 else addr
+    return f"tcp://{host}:{m.group(2)}"
 
 
 def local_url() -> str:

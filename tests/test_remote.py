@@ -252,6 +252,17 @@ def test_public_launcher_exports() -> None:
 def test_host_and_local_url() -> None:
     url = am.host_url()
     assert re.fullmatch(r"tcp://[0-9.]+:0", url), url
+    # another machine's daemons dial it: not a loopback address when this one has another
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("198.51.100.1", 9))  # no packet: the route's source address
+        outward = probe.getsockname()[0]
+    except OSError:
+        outward = None  # no route outwards: the loopback address is all there is
+    finally:
+        probe.close()
+    if outward is not None:
+        assert not url.startswith("tcp://127."), url
     assert am.host_url(5555).endswith(":5555")
     assert am.host_url(ipv6=True).startswith("tcp://[")
     ipc = am.local_url()
@@ -599,6 +610,21 @@ def test_ssh_reset_kills_busy_daemons(sshd: SSHServer) -> None:
     with pytest.raises(am.DaemonError):
         m.result(5)
     assert _wait_dead(pid, 15), "busy ssh daemon survived reset"
+
+
+@pytest.mark.timeout(60)
+def test_wildcard_url_gives_remote_daemons_a_dialable_address(spawn: Spawner) -> None:
+    """``url="tcp://0.0.0.0:0"`` is where the host listens; a remote daemon dialing
+    0.0.0.0 would dial its own machine.  The commands name this machine's address."""
+    am.daemons(url="tcp://0.0.0.0:0")
+    port = tcp_port(am.status().url)
+    [cmd] = am.launch_remote(1)
+    addr = am.host_url().removeprefix("tcp://").rsplit(":", 1)[0]
+    assert f"tcp://{addr}:{port}" in cmd and "0.0.0.0" not in cmd, cmd
+    spawn(cmd)
+    wait_connections(1)
+    assert am.mirai(lambda x: x + 1, 1).result(20) == 2
+    am.daemons(0)
 
 
 @pytest.mark.timeout(60)
