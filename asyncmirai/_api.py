@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import contextlib
 import contextvars
+import functools
 import hashlib
 import itertools
 import os
@@ -655,6 +656,16 @@ def local_url() -> str:
 
 
 # -- tasks -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
+def _check_code(code: str) -> None:
+    """A code string that does not parse fails at ``mirai()``, in the caller, with
+    Python's own SyntaxError (as an R expression fails to parse before mirai() runs),
+    not later on a daemon.  Cached: the same string is usually sent many times."""
+    import ast
+
+    ast.parse(code, "<mirai>", "exec")
+
+
 def _derive_seed(seed: int, index: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
@@ -721,6 +732,7 @@ def _prepare(
     if isinstance(fn, str):
         if args:
             raise TypeError(f"{what}(code_string, ...) takes named objects only (x=1, ...)")
+        _check_code(fn)
         kind: int = CODE
     elif callable(fn):
         kind = CALL
@@ -1050,6 +1062,7 @@ def everywhere(
     if isinstance(fn, str):
         if args:
             raise TypeError("everywhere(code_string, ...) takes named objects only")
+        _check_code(fn)
         kind: int = CODE
     elif callable(fn):
         kind = CALL

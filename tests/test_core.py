@@ -61,6 +61,16 @@ async def test_code_strings_evaluate_statements_and_return_last_expression() -> 
         with pytest.raises(am.MiraiError) as ei:
             await am.mirai("undefined_name + 1")
         assert ei.value.type_name == "NameError"
+        # A code string that does not parse fails in the caller, at mirai(), with
+        # Python's SyntaxError (line and offset included); nothing is submitted.
+        before = am.info()["submitted"]
+        with pytest.raises(SyntaxError) as si:
+            am.mirai("y = 1\nx +", x=1)
+        assert not isinstance(si.value, am.MiraiError)
+        assert si.value.lineno == 2 and si.value.filename == "<mirai>"
+        with pytest.raises(SyntaxError):
+            am.everywhere("def (")
+        assert am.info()["submitted"] == before
     with pytest.raises(TypeError):
         am.daemons(1)
         try:
