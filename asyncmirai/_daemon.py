@@ -151,11 +151,6 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _import_asyncio() -> None:
-    """Import asyncio (in a helper thread of a daemon that will run coroutines)."""
-    import asyncio  # noqa: F401
-
-
 class _Forked:
     """The task end in a process that a task forked (see ``Daemon._after_fork_child``).
 
@@ -643,10 +638,11 @@ class Daemon:
                 self.task = _SharedChannel(self.task)
             elif isinstance(self.task, _ZmqEnd):
                 self.task = _SharedZmq(self.task)
-            # Coroutines will run here: import asyncio now, off the main thread, rather
-            # than inside the first coroutine task (~20 ms on this machine's 3.11).
-            if "asyncio" not in sys.modules:
-                start_thread(_import_asyncio, name="asyncmirai-import")
+            # Coroutines will run here: import asyncio now rather than inside the first
+            # coroutine task (~20 ms on this machine's 3.11).  In this thread: importing
+            # it from a helper thread while a task imports other modules deadlocked on
+            # the import locks (found by a stress run; logging, concurrent.futures).
+            import asyncio  # noqa: F401
 
     def _after_fork_child(self) -> None:
         """In a process forked by a task: cut it off from the host's channels.
