@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO, TYPE_CHECKING
 
+from ._guard import forget_group, guard_group
 from ._loop import LoopOwner
 from ._scheduler import Daemon
 from ._security import secret_pipe
@@ -163,6 +164,7 @@ class Supervisor:
                         d.lock,
                     )
                 )
+            guard_group(proc.pid)  # its group dies with this host, even a SIGKILLed one
             rec = LocalProcess(proc, launch, log_path, index)
             self.procs[proc.pid] = rec
             d.spawned(proc.pid)
@@ -265,3 +267,4 @@ def _reap_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except OSError:
         pass
+    forget_group(pid)

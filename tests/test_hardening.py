@@ -123,6 +123,42 @@ def test_grandchildren_do_not_outlive_their_daemon(how: str) -> None:
     wait_for(lambda: not any(pid_alive(k) for k in kids), 30, f"grandchildren gone ({how})")
 
 
+HOST_THAT_WAITS = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+import asyncmirai as am
+from test_hardening import start_grandchildren
+am.daemons(2)
+daemon, kids = am.mirai(start_grandchildren).result(60)
+other = am.mirai(os.getpid).result(60)
+print(daemon, other, *kids, flush=True)
+sys.stdin.read()  # until the test SIGKILLs this process
+"""
+
+
+def test_grandchildren_do_not_outlive_a_host_that_is_sigkilled() -> None:
+    """The host gets SIGKILL: its daemons die by the parent-death signal, and what
+    their tasks started dies with them (the guard process kills their groups)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    host = subprocess.Popen(
+        [PY, "-c", HOST_THAT_WAITS.format(tests=tests)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert host.stdout is not None
+        pids = [int(p) for p in host.stdout.readline().split()]
+        assert len(pids) == 4, pids
+        assert all(pid_alive(p) for p in pids)
+    finally:
+        host.kill()
+        host.wait(30)
+    # the daemons, the sleep subprocess and the multiprocessing child: all gone
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 30, "daemons and grandchildren gone")
+
+
 # -------------------------------------------------------------------------- signals
 
 
