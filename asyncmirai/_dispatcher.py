@@ -642,7 +642,7 @@ class Dispatcher:
             elif cls is Retire:
                 sched.retire(d, msg.reason)  # type: ignore[union-attr]
             elif cls is Output:
-                sched.seen(d)
+                sched.seen(d, _monotonic())
                 if self.on_output is not None:
                     self.on_output(d, msg)  # type: ignore[arg-type]
             return

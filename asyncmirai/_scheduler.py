@@ -463,7 +463,7 @@ class Scheduler:
         """Give ``d`` work if it can take some: tasks for its free slots and, under a
         backlog, one more to start as soon as a slot frees (prefetch: the daemon never
         waits for our round trip)."""
-        if not d.alive or d.retiring or d.replay:
+        if not d.alive or d.retiring or d.replay or d.disconnected_at is not None:
             return
         while len(d.running) < d.slots:
             job = self._pop()
@@ -645,7 +645,8 @@ class Scheduler:
 
     def result(self, d: Daemon, tid: int, state: int, value: Any, now: float = 0.0) -> None:
         """``d`` answered task or setup ``tid`` with a value (``VALUE``) or an error."""
-        d.disconnected_at = None
+        if d.disconnected_at is not None:  # a reply: connected again
+            self.seen(d, now)
         job = d.running.get(tid)
         if job is not None:
             d.pace += (now - d.sent_at - d.pace) * 0.25
@@ -681,7 +682,8 @@ class Scheduler:
 
     def cancelled(self, d: Daemon, tid: int, revoked: bool, now: float = 0.0) -> None:
         """``d`` acknowledged a cancel (the task stopped) or a revoke (never started)."""
-        d.disconnected_at = None
+        if d.disconnected_at is not None:  # a reply: connected again
+            self.seen(d, now)
         if not revoked:
             job = d.running.get(tid)
             if job is not None:
@@ -740,6 +742,20 @@ class Scheduler:
     ) -> None:
         """A remote daemon's ping: catch a task or a result lost in a connection drop
         (ZeroMQ reconnects do not resend): it says what it runs and last answered."""
+        back = d.disconnected_at is not None
+        self._ping(d, current, done, drops, done_drops, now)
+        if back:
+            self._reconnected(d, now)
+
+    def _ping(
+        self,
+        d: Daemon,
+        current: int | None,
+        done: int | None,
+        drops: int,
+        done_drops: int,
+        now: float,
+    ) -> None:
         d.disconnected_at = None
         d.drops = drops
         if d.slots != 1 or len(d.running) != 1:  # pings name one task: single-slot only
@@ -789,15 +805,25 @@ class Scheduler:
         if not d.running:
             self.gone(d, f"retired ({reason})")
 
-    def seen(self, d: Daemon) -> None:
+    def seen(self, d: Daemon, now: float = 0.0) -> None:
         """Any sign of life from ``d`` (it reconnected)."""
-        d.disconnected_at = None
+        if d.disconnected_at is not None:
+            d.disconnected_at = None
+            self._reconnected(d, now)
+
+    def _reconnected(self, d: Daemon, now: float) -> None:
+        """``d`` is back within its grace: it takes new work again."""
+        if d.alive and d.ready:
+            self._make_idle(d, now)
 
     def disconnected(self, d: Daemon, now: float) -> None:
         """A channel of remote daemon ``d`` lost its connection; it is lost unless it
-        reconnects within :data:`RECONNECT_GRACE`."""
+        reconnects within :data:`RECONNECT_GRACE`.  Meanwhile it gets no new task: a
+        task sent into a dead connection would wait out the grace, then fail (or spend
+        a retry); 400 daemons vanishing at once could take every retry of a task."""
         if d.alive and d.disconnected_at is None:
             d.disconnected_at = now
+            self.idle.pop(d, None)
             self._at(now + RECONNECT_GRACE, _DISCONNECT, d)
 
     def send_failed(self, d: Daemon, job: Job | None, now: float = 0.0) -> None:

@@ -159,6 +159,55 @@ def test_grandchildren_do_not_outlive_a_host_that_is_sigkilled() -> None:
     wait_for(lambda: not any(pid_alive(p) for p in pids), 30, "daemons and grandchildren gone")
 
 
+GUARD_FD_CLOSED = """
+import os, signal, subprocess, sys, time
+from asyncmirai import _guard
+
+def group() -> subprocess.Popen:
+    return subprocess.Popen(["sleep", "300"], start_new_session=True)
+
+a = group()
+_guard.guard_group(a.pid)
+fd = _guard._sock.fileno()
+os.close(fd)  # a program closing a descriptor it does not own: that guard sees EOF
+r, w = os.pipe()  # takes the number over
+assert w == fd or r == fd, (r, w, fd)
+b = group()
+_guard.guard_group(b.pid)  # must not write into the pipe: a new guard is started
+os.set_blocking(r, False)
+try:
+    leaked = os.read(r, 100)
+except BlockingIOError:
+    leaked = b""
+assert leaked == b"", leaked
+a.wait(30)  # the first guard killed what it listed at EOF
+assert a.returncode == -signal.SIGKILL, a.returncode
+assert b.poll() is None  # listed with the new guard, which still runs
+print("B", b.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_guard_survives_a_closed_descriptor_and_never_writes_to_its_reuse() -> None:
+    host = subprocess.Popen(
+        [PY, "-c", GUARD_FD_CLOSED],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert host.stdout is not None
+        line = host.stdout.readline().split()
+        assert line[:1] == ["B"], line
+        b = int(line[1])
+        assert pid_alive(b)
+    finally:
+        host.kill()
+        host.wait(30)
+    wait_for(lambda: not pid_alive(b), 30, "the new guard to kill the second group")
+
+
 # -------------------------------------------------------------------------- signals
 
 

@@ -392,6 +392,21 @@ def test_disconnect_is_loss_after_grace_unless_it_reconnects() -> None:
     assert not d.alive and h.s.queued == 1 and not job.handle.outcomes
 
 
+def test_a_disconnected_daemon_gets_no_new_task_until_it_is_back() -> None:
+    h = Harness()
+    a = h.connect()
+    b = h.connect()
+    h.s.disconnected(a, h.now)
+    jobs = [h.submit(retries=0) for _ in range(2)]
+    assert h.tasks_sent_to(a) == []  # b took one, the other waits in the queue
+    assert h.tasks_sent_to(b) == [jobs[0]] and h.s.queued == 1
+    h.s.seen(a, h.now)  # a reconnected within the grace: it takes the waiting task
+    h.flush()
+    assert h.tasks_sent_to(a) == [jobs[1]] and h.s.queued == 0
+    h.advance(2 * RECONNECT_GRACE)
+    assert a.alive and not any(j.handle.outcomes for j in jobs)
+
+
 def test_reset_fails_everything_once() -> None:
     h = Harness()
     d = h.connect()
@@ -819,6 +834,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert live_queued == s.queued
         for d in s.idle:
             assert d.alive and len(d.running) < d.slots and not d.retiring
+            assert d.disconnected_at is None  # no new task into a dropped connection
         for d in s.daemons.values():
             assert len(d.running) <= d.slots
             if d.ahead:
