@@ -193,11 +193,15 @@ class Mirai(Generic[T]):
         """
         try:
             self.result(timeout)
-        except MiraiCancelled:
-            raise
         except TimeoutError as exc:
             if self._state == PENDING:
                 raise
+            return exc
+        except MiraiCancelled as exc:
+            if self._state == CANCELLED:
+                raise
+            # An error that is also a MiraiCancelled (a chained task whose argument was
+            # cancelled, a function that raised it): this task was not cancelled.
             return exc
         except Exception as exc:
             return exc

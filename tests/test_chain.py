@@ -86,6 +86,15 @@ def test_cancelling_upstream_fails_downstream(tmp_path: Path) -> None:
         a.cancel()
         with pytest.raises(am.MiraiCancelled):
             b.result(30)
+        # b was not cancelled itself: it failed, and exception() returns that error
+        assert not b.cancelled()
+        err = b.exception(30)
+        assert isinstance(err, am.MiraiCancelled) and isinstance(err, am.MiraiError)
+        # a third link takes b's failure as its own, not an exception at mirai() time
+        c = am.mirai(total, [b])
+        assert isinstance(c.exception(30), am.MiraiError)
+        with pytest.raises(am.MiraiCancelled):
+            a.exception(30)  # the one that was cancelled
         open(gate, "w").close()
 
 
