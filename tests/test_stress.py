@@ -160,3 +160,75 @@ def test_mixed_workload_resolves_everything_once(
     seed: int, concurrency: int, memory: str | None, maxtasks: int | None
 ) -> None:
     asyncio.run(run(seed, concurrency, memory, maxtasks))
+
+
+def addlen(a: Any, b: int) -> int:
+    return len(a) + b
+
+
+async def run_linked(seed: int, transport: str, concurrency: int, reset_early: bool) -> None:
+    """Chained handles, ``am.put`` references and ``everywhere()`` among crashing,
+    failing, cancelled and timed-out tasks, on socketpairs or ZeroMQ, and a reset while
+    all that is in flight."""
+    rnd = random.Random(seed)
+    handles: list[Any] = []
+    calls: Counter[int] = Counter()
+
+    def track(m: Any) -> None:
+        handles.append(m)
+        m.add_done_callback(lambda h: calls.update([h.id]))
+
+    before = children()
+    am.daemons(3, concurrency=concurrency, transport=transport)
+    try:
+        track(am.everywhere(os.getpid))
+        ref = am.put(list(range(100)))
+        for i in range(120):
+            r = rnd.random()
+            if r < 0.04:
+                m = am.mirai(work, "crash", 0, _retries=rnd.choice([0, 1]))
+            elif r < 0.3:
+                m = am.mirai(awork, rnd.choice(["ok", "err"]), rnd.random() * 0.02)
+            elif r < 0.4:
+                m = am.mirai(addlen, ref, i)
+            elif r < 0.5 and handles:  # an argument that may fail, be cancelled, time out
+                m = am.mirai(addlen, [1, 2], rnd.choice(handles))
+            elif r < 0.52:
+                m = am.everywhere(os.getpid)
+            else:
+                kind = rnd.choice(["ok", "sleep", "err"])
+                timeout = rnd.choice([None, 0.005, 1.0])
+                m = am.mirai(work, kind, rnd.random() * 0.01, _timeout=timeout)
+            track(m)
+            if rnd.random() < 0.1:
+                m.cancel()
+            if rnd.random() < 0.1:
+                await asyncio.sleep(0.002)
+        if reset_early:
+            await asyncio.sleep(rnd.random() * 0.05)
+            am.daemons(0)  # everything unresolved fails with DaemonError, once
+        with anyio_fail_after(60):
+            await asyncio.gather(*handles, return_exceptions=True)
+        if not reset_early:
+            with anyio_fail_after(30):
+                while (st := am.status()).executing or st.awaiting:
+                    await asyncio.sleep(0.01)
+    finally:
+        am.daemons(0)
+    assert all(calls[m.id] == 1 for m in handles), [m.id for m in handles if calls[m.id] != 1]
+    for _ in range(200):
+        left = children() - before
+        if not left:
+            break
+        await asyncio.sleep(0.05)
+    assert not left, left
+
+
+@pytest.mark.parametrize(
+    "seed,transport,concurrency,reset_early",
+    [(10, "pipe", 1, False), (11, "zmq", 3, False), (12, "pipe", 3, True), (13, "zmq", 1, True)],
+)
+def test_linked_work_and_a_reset_in_flight_resolve_everything_once(
+    seed: int, transport: str, concurrency: int, reset_early: bool
+) -> None:
+    asyncio.run(run_linked(seed, transport, concurrency, reset_early))
