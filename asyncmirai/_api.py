@@ -993,6 +993,12 @@ def _run_sync(
     if handles or refs:  # their values, at any depth, as on a daemon
         _, fn, args, kwargs = _codecs.loads(*encoded, prof.table)
     prof.sync_completed += 1
+    rec = _otel_begin(prof.compute, tid, fn, args)  # None unless tracing or metrics are on
+    token = None
+    if rec is not None:
+        rec.bytes_out = _otel._size(encoded[0])
+        rec.attach_sync(m)
+        token = rec.enter()
     flag = _in_sync_task.set(True)
     try:
         if prof.seed is not None:
@@ -1010,6 +1016,8 @@ def _run_sync(
         m._resolve(VALUE, value)
     finally:
         _in_sync_task.reset(flag)
+        if rec is not None:
+            rec.leave(token)
     return m
 
 

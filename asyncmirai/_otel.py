@@ -235,6 +235,26 @@ class Record:
         RECORDS[self.id] = self
         handle.add_done_callback(self._resolved)
 
+    def attach_sync(self, handle: Any) -> None:
+        """``sync=True``: the task runs in this process now; follow its handle."""
+        self.sent_at = self.t0
+        self.queued = 0.0
+        RECORDS[self.id] = self
+        handle.add_done_callback(self._resolved)
+
+    def enter(self) -> Any:
+        """Make the task's span current (``sync=True``: spans the function opens in this
+        process become its children); returns the token for :meth:`leave`."""
+        if self.span is None:
+            return None
+        from opentelemetry import context, trace
+
+        return context.attach(trace.set_span_in_context(self.span))
+
+    def leave(self, token: Any) -> None:
+        if token is not None:
+            _detach(token)
+
     def _resolved(self, handle: Any) -> None:
         RECORDS.pop(self.id, None)
         now = _monotonic()

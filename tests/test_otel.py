@@ -375,6 +375,27 @@ def test_coroutine_slots_trace_each_task(tel: Telemetry, tmp_path: Path) -> None
     assert outcomes == ["cancelled", "value", "value", "value", "value"]
 
 
+def test_sync_mode_is_traced_in_process(tel: Telemetry) -> None:
+    """``daemons(sync=True)``: the same host span per task, in the caller's trace, and
+    the function's own spans (run in this process) are its children."""
+    import helpers_mod
+
+    with am.daemons(sync=True, compute="debug"):
+        with trace.get_tracer("test").start_as_current_span("request") as request:
+            assert am.mirai(traced_work, 3, _compute="debug").result(5) == os.getpid()
+            with pytest.raises(ValueError):
+                am.mirai(helpers_mod.boom, "x", _compute="debug").result(5)
+    [host] = _done(tel, "traced_work")
+    [inner] = _done(tel, "inner")
+    assert host.parent.span_id == request.get_span_context().span_id
+    assert inner.parent.span_id == host.context.span_id
+    attrs = dict(host.attributes or {})
+    assert attrs["asyncmirai.outcome"] == "value" and attrs["asyncmirai.compute"] == "debug"
+    [err] = _done(tel, "boom")
+    assert dict(err.attributes or {})["error.type"] == "ValueError"
+    assert trace.get_current_span() is trace.INVALID_SPAN  # nothing left attached
+
+
 def test_metrics(tel: Telemetry) -> None:
     import helpers_mod
 
