@@ -67,6 +67,11 @@ def plain_wait_go(marker: str, go: str, value: Any) -> Any:
     return value
 
 
+def plain_wait_go_pid(marker: str, go: str) -> int:
+    """``plain_wait_go``, returning the daemon's pid."""
+    return int(plain_wait_go(marker, go, os.getpid()))
+
+
 async def async_fail(msg: str) -> None:
     await asyncio.sleep(0)
     raise ValueError(msg)
@@ -502,6 +507,26 @@ async def test_e2e_coroutines_share_one_daemon(tmp_path: Path, transport: str) -
         assert not any(m.done() for m in ms)
         go.touch()
         assert [await m for m in ms] == [0, 1, 2, 3]
+
+
+@pytest.mark.anyio
+async def test_e2e_plain_tasks_spread_over_the_daemons(tmp_path: Path) -> None:
+    """Four plain functions on four daemons with 8 slots each run at once, one per
+    daemon (packed on one daemon they would run one after another in its main thread)."""
+    import asyncmirai as am
+
+    started = _files(tmp_path, "started", 4)
+    go = tmp_path / "go"
+    async with am.daemons(4, concurrency=8):
+        import anyio
+
+        with anyio.fail_after(WAIT):
+            while am.status().connections < 4:
+                await anyio.sleep(0.01)
+        ms = [am.mirai(plain_wait_go_pid, str(started[i]), str(go)) for i in range(4)]
+        await _appear(started)  # all four started before any may finish
+        go.touch()
+        assert len({await m for m in ms}) == 4
 
 
 @pytest.mark.anyio

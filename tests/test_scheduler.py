@@ -392,6 +392,23 @@ def test_disconnect_is_loss_after_grace_unless_it_reconnects() -> None:
     assert not d.alive and h.s.queued == 1 and not job.handle.outcomes
 
 
+def test_coroutine_slots_take_tasks_round_the_daemons() -> None:
+    """concurrency > 1: a new task goes to the daemon that has waited longest with a free
+    slot, so 4 tasks on 4 daemons spread one each instead of filling one daemon's slots
+    (a plain function runs one at a time per daemon)."""
+    h = Harness(concurrency=8)
+    ds = [h.connect() for _ in range(4)]
+    jobs = [h.submit() for _ in range(4)]
+    assert sorted(len(d.running) for d in ds) == [1, 1, 1, 1]
+    [h.submit() for _ in range(8)]
+    assert sorted(len(d.running) for d in ds) == [3, 3, 3, 3]
+    for d, j in zip(ds, jobs, strict=True):
+        h.result(d, j)
+    assert sorted(len(d.running) for d in ds) == [2, 2, 2, 2]
+    [h.submit() for _ in range(20)]
+    assert sorted(len(d.running) for d in ds) == [7, 7, 7, 7]
+
+
 def test_a_disconnected_daemon_gets_no_new_task_until_it_is_back() -> None:
     h = Harness()
     a = h.connect()
