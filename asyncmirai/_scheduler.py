@@ -754,21 +754,8 @@ class Scheduler:
     ) -> None:
         """A remote daemon's ping: catch a task or a result lost in a connection drop
         (ZeroMQ reconnects do not resend): it says what it runs and last answered."""
-        back = d.disconnected_at is not None
-        self._ping(d, current, done, drops, done_drops, now)
-        if back:
-            self._reconnected(d, now)
-
-    def _ping(
-        self,
-        d: Daemon,
-        current: int | None,
-        done: int | None,
-        drops: int,
-        done_drops: int,
-        now: float,
-    ) -> None:
-        d.disconnected_at = None
+        if d.disconnected_at is not None:  # back within its grace: it takes work again
+            self.seen(d, now)
         d.drops = drops
         if d.slots != 1 or len(d.running) != 1:  # pings name one task: single-slot only
             return

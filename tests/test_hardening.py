@@ -136,25 +136,26 @@ sys.stdin.read()  # until the test SIGKILLs this process
 """
 
 
+def first_line_then_sigkill(code: str) -> list[str]:
+    """Run ``code`` as a host program; return the first line it prints, split; then
+    SIGKILL it (it waits on its stdin until then)."""
+    host = subprocess.Popen(
+        [PY, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert host.stdout is not None
+        return host.stdout.readline().split()
+    finally:
+        host.kill()
+        host.wait(30)
+
+
 def test_grandchildren_do_not_outlive_a_host_that_is_sigkilled() -> None:
     """The host gets SIGKILL: its daemons die by the parent-death signal, and what
     their tasks started dies with them (the guard process kills their groups)."""
     tests = os.path.dirname(os.path.abspath(__file__))
-    host = subprocess.Popen(
-        [PY, "-c", HOST_THAT_WAITS.format(tests=tests)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert host.stdout is not None
-        pids = [int(p) for p in host.stdout.readline().split()]
-        assert len(pids) == 4, pids
-        assert all(pid_alive(p) for p in pids)
-    finally:
-        host.kill()
-        host.wait(30)
+    pids = [int(p) for p in first_line_then_sigkill(HOST_THAT_WAITS.format(tests=tests))]
+    assert len(pids) == 4, pids  # all alive when printed: a task started the last two
     # the daemons, the sleep subprocess and the multiprocessing child: all gone
     wait_for(lambda: not any(pid_alive(p) for p in pids), 30, "daemons and grandchildren gone")
 
@@ -189,22 +190,9 @@ sys.stdin.read()
 
 
 def test_guard_survives_a_closed_descriptor_and_never_writes_to_its_reuse() -> None:
-    host = subprocess.Popen(
-        [PY, "-c", GUARD_FD_CLOSED],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert host.stdout is not None
-        line = host.stdout.readline().split()
-        assert line[:1] == ["B"], line
-        b = int(line[1])
-        assert pid_alive(b)
-    finally:
-        host.kill()
-        host.wait(30)
+    line = first_line_then_sigkill(GUARD_FD_CLOSED)  # its asserts passed if it printed
+    assert line[:1] == ["B"], line
+    b = int(line[1])
     wait_for(lambda: not pid_alive(b), 30, "the new guard to kill the second group")
 
 
