@@ -61,7 +61,7 @@ from ._protocol import (
     Welcome,
 )
 from ._threads import start_thread
-from ._transport import BlockingChannel
+from ._transport import SPIN, BlockingChannel
 
 if TYPE_CHECKING:
     import argparse
@@ -633,6 +633,8 @@ class Daemon:
 
             install(self, cfg["log_level"])
         self.concurrency = max(1, int(cfg.get("concurrency") or 1))
+        if self.concurrency == 1 and isinstance(self.task, _ChannelEnd):
+            self.task.spin = SPIN  # one task at a time: poll briefly for the next
         if self.concurrency > 1:  # a second thread will send results: share the task end
             if isinstance(self.task, _ChannelEnd):
                 self.task = _SharedChannel(self.task)

@@ -70,7 +70,7 @@ from ._scheduler import (
     Scheduler,
     Setup,
 )
-from ._transport import LoopChannel
+from ._transport import SPIN, LoopChannel
 
 __all__ = ["Dispatcher"]
 
@@ -89,6 +89,16 @@ _SUBMIT, _CANCEL, _EVERYWHERE = 0, 1, 2
 #: Short one-frame tasks a daemon may hold ahead of its running one under a backlog
 #: (``Scheduler(prefetch_depth=)``).
 PREFETCH_DEPTH = 8
+
+
+def _poll_briefly(poller: select.poll, seconds: float) -> list[tuple[int, int]]:
+    """``poller.poll(0)`` until something is ready or ``seconds`` pass (never blocks)."""
+    clock = time.perf_counter
+    deadline = clock() + seconds
+    while True:
+        ready = poller.poll(0)
+        if ready or clock() >= deadline:
+            return ready
 
 
 class Dispatcher:
@@ -295,6 +305,7 @@ class Dispatcher:
         watched = -1
         lock = self.lock
         claimed: LoopChannel | None = None
+        spin = SPIN
         try:
             while handle._state == 0:  # PENDING
                 ch = None
@@ -329,7 +340,13 @@ class Dispatcher:
                     if fd >= 0:
                         poller.register(fd, select.POLLIN)
                     watched = fd
-                if deadline is None:
+                ready = []
+                if spin and fd >= 0:  # once: a short task's answer is near (see SPIN)
+                    spin = 0.0
+                    ready = _poll_briefly(poller, SPIN)
+                if ready:
+                    pass
+                elif deadline is None:
                     ready = poller.poll()
                 else:
                     left = deadline - _monotonic()

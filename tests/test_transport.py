@@ -282,3 +282,70 @@ def test_no_leak_when_the_daemon_dies_mid_transfer(tmp_path: Any) -> None:
         am.daemons(0)
     gc.collect()
     assert _fds() == base
+
+
+# -- polling before blocking (BlockingChannel.spin) -----------------------------------------
+class _Clock:
+    """A fake ``time.perf_counter`` that moves ``step`` seconds per reading."""
+
+    def __init__(self, step: float) -> None:
+        self.t = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.t += self.step
+        return self.t
+
+
+def test_spin_polls_while_messages_come_soon_and_stops_after_a_long_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = socket.socketpair()
+    rx = BlockingChannel(b)
+    tx = BlockingChannel(a)
+    rx.spin = 0.001
+    polls: list[bool] = []
+    real_select = T.select.select
+
+    def select(r: Any, w: Any, x: Any, timeout: float | None = None) -> Any:
+        if timeout == 0:  # a poll from _poll_until: report what the test decides
+            polls.append(True)
+            return ([], [], []) if not readable[0] else real_select(r, w, x, 0)
+        return real_select(r, w, x, timeout)
+
+    readable = [False]
+    monkeypatch.setattr(T.select, "select", select)
+    clock = _Clock(step=0.0004)  # three readings pass the 1 ms of spin
+    monkeypatch.setattr(T.time, "perf_counter", clock)
+
+    # 1. nothing comes while polling: it gives up, blocks, and stops polling after
+    tx.send([b"late"])
+    assert rx.recv() == [b"late"]
+    assert polls and not rx.spinning
+    # 2. not polling now; this one comes within the spin (3 clock readings): polling is on
+    polls.clear()
+    clock.step = 0.0001
+    tx.send([b"soon"])
+    assert rx.recv() == [b"soon"] and not polls
+    assert rx.spinning
+    # 3. polling, and the message is there: no blocking read needed to find it
+    readable[0] = True
+    tx.send([b"next"])
+    assert rx.recv() == [b"next"] and polls and rx.spinning
+    a.close()
+    b.close()
+
+
+def spin_of_this_daemon() -> float:
+    from asyncmirai import _daemon
+
+    daemon = _daemon._CURRENT
+    assert daemon is not None
+    return float(getattr(daemon.task, "spin", 0.0))
+
+
+def test_local_daemons_poll_one_task_at_a_time_only() -> None:
+    with am.daemons(1):
+        assert am.mirai(spin_of_this_daemon).result(30) == T.SPIN > 0
+    with am.daemons(1, concurrency=2):  # its main thread must not hold the CPU/GIL
+        assert am.mirai(spin_of_this_daemon).result(30) == 0.0
