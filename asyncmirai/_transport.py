@@ -782,8 +782,10 @@ def _spin_seconds(default_us: float = 200.0) -> float:
 
 
 #: Seconds a local daemon polls for its next task after a reply (adaptive, see
-#: ``BlockingChannel.recv``) and a thread blocked in ``Mirai.result()`` polls its
-#: daemon's socketpair before it sleeps (once per call, ``Dispatcher.wait``).  Waking a
+#: ``BlockingChannel.recv``), a thread blocked in ``Mirai.result()`` polls its
+#: daemon's socketpair before it sleeps (once per call, ``Dispatcher.wait``), and the
+#: caller's event loop keeps polling after it sent a short task with nothing queued
+#: (``Dispatcher._spin_after``).  Waking a
 #: blocked process costs tens of microseconds on a VM: a sequential round trip of a
 #: tiny task went from 129 to 69 us (anyio.to_process: 132 us) with the daemon polling
 #: 200 us (100 us: 74; 400 us: 64), same run.  ``ASYNCMIRAI_SPIN_US=0`` in the

@@ -233,3 +233,57 @@ def test_a_loop_closed_while_watching_gives_the_channel_back(tmp_path: Path) -> 
         Path(go).touch()
         assert done.wait(30)
         assert m.result(0) == 5
+
+
+def test_the_callers_loop_polls_only_while_a_short_task_is_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In-loop, a sequential caller's short task keeps the loop polling (no sleep in
+    ``epoll``) until its answer is read, and not one iteration longer; a task that takes
+    longer than the polling window on average never starts it (checked with the window
+    set to 0, as ``ASYNCMIRAI_SPIN_US=0`` does)."""
+    import asyncio
+
+    from asyncmirai import _dispatcher
+
+    monkeypatch.setattr(_dispatcher, "SPIN", 0.05)  # wide: this machine's round trip fits
+
+    async def main() -> None:
+        async with am.daemons(1):
+            disp = profiles["default"].dispatcher
+            assert disp is not None
+            await am.mirai(abs, 0)  # connected
+            m = am.mirai(abs, -1)  # its average task time starts at 1 s: over SPIN
+            assert disp._spin_h is None
+            assert await m == 1
+            for i in range(60):  # the daemon's average task time drops under SPIN
+                assert await am.mirai(abs, -i) == i
+            m = am.mirai(abs, -7)
+            assert disp._spin_h is not None  # polling while it is out
+            assert await m == 7
+            for _ in range(10):  # a loop iteration or two after the answer: stopped
+                if disp._spin_h is None:
+                    break
+                await asyncio.sleep(0)
+            assert disp._spin_h is None
+            ms = [am.mirai(abs, -i) for i in range(50)]  # a burst: it ends polling too
+            assert await asyncio.gather(*ms) == list(range(50))
+            for _ in range(10):
+                if disp._spin_h is None:
+                    break
+                await asyncio.sleep(0)
+            assert disp._spin_h is None
+
+    asyncio.run(main())
+    monkeypatch.setattr(_dispatcher, "SPIN", 0.0)  # off (ASYNCMIRAI_SPIN_US=0): never
+
+    async def off() -> None:
+        async with am.daemons(1):
+            disp = profiles["default"].dispatcher
+            assert disp is not None
+            for i in range(20):
+                m = am.mirai(abs, -i)
+                assert disp._spin_h is None
+                assert await m == i
+
+    asyncio.run(off())
