@@ -179,6 +179,20 @@ class Method:
     async def stop(self) -> None: ...
 
 
+class PeerMethod(Method):
+    """A peer library's round trip, run in ``peer_mod`` (this module, imported by name)."""
+
+    label = ""
+    slow_kind: str | None = None  # the payload kind that makes it slow, if any
+
+    def __init__(self, kind: str, peer_mod: Any) -> None:
+        self.kind = kind
+        self.name = f"{self.label} {kind}"
+        self.mod = peer_mod
+        if self.slow_kind is not None:
+            self.slow = kind == self.slow_kind
+
+
 class Memcpy(Method):
     """One copy into a fresh allocation in this process, page faults included."""
 
@@ -280,14 +294,9 @@ class AsyncMirai(Method):
         self.am.daemons(0, compute=self.compute)
 
 
-class PPE(Method):
+class PPE(PeerMethod):
     pools: dict[str, Any] = {}
-
-    def __init__(self, kind: str, peer_mod: Any) -> None:
-        self.kind = kind
-        self.name = f"PPE {kind}"
-        self.mod = peer_mod
-        self.slow = kind == "numpy"
+    label, slow_kind = "PPE", "numpy"
 
     @classmethod
     def prestart(cls, mod: Any) -> None:
@@ -314,14 +323,9 @@ class PPE(Method):
         self.pool.shutdown(wait=True)
 
 
-class AioMP(Method):
+class AioMP(PeerMethod):
     users = 0
-
-    def __init__(self, kind: str, peer_mod: Any) -> None:
-        self.kind = kind
-        self.name = f"aiomultiprocess {kind}"
-        self.mod = peer_mod
-        self.slow = kind == "numpy"
+    label, slow_kind = "aiomultiprocess", "numpy"
 
     async def start(self) -> None:
         from aiomultiprocess import Pool
@@ -351,14 +355,9 @@ class AioMP(Method):
                 core._manager = None
 
 
-class Ray(Method):
+class Ray(PeerMethod):
     users = 0
-
-    def __init__(self, kind: str, peer_mod: Any) -> None:
-        self.kind = kind
-        self.name = f"Ray {kind}"
-        self.mod = peer_mod
-        self.slow = kind == "torch"  # pickled through the object store, 3 copies
+    label, slow_kind = "Ray", "torch"  # torch: pickled through the object store, 3 copies
 
     async def start(self) -> None:
         import ray
@@ -389,14 +388,10 @@ class Ray(Method):
             self.ray.shutdown()
 
 
-class ToProcess(Method):
+class ToProcess(PeerMethod):
     max_bytes = 512 * MiB
     slow = True
-
-    def __init__(self, kind: str, peer_mod: Any) -> None:
-        self.kind = kind
-        self.name = f"anyio.to_process {kind}"
-        self.mod = peer_mod
+    label = "anyio.to_process"
 
     async def start(self) -> None:
         from anyio import to_process
