@@ -633,9 +633,10 @@ class Daemon:
 
             install(self, cfg["log_level"])
         self.concurrency = max(1, int(cfg.get("concurrency") or 1))
-        if self.concurrency == 1 and isinstance(self.task, _ChannelEnd):
-            self.task.spin = SPIN  # one task at a time: poll briefly for the next
-        if self.concurrency > 1:  # a second thread will send results: share the task end
+        if self.concurrency == 1:
+            if isinstance(self.task, _ChannelEnd):
+                self.task.spin = SPIN  # one task at a time: poll briefly for the next
+        else:  # a second thread will send results: share the task end
             if isinstance(self.task, _ChannelEnd):
                 self.task = _SharedChannel(self.task)
             elif isinstance(self.task, _ZmqEnd):

@@ -70,7 +70,7 @@ from ._scheduler import (
     Scheduler,
     Setup,
 )
-from ._transport import SPIN, LoopChannel
+from ._transport import SPIN, LoopChannel, poll_briefly
 
 __all__ = ["Dispatcher"]
 
@@ -89,16 +89,6 @@ _SUBMIT, _CANCEL, _EVERYWHERE = 0, 1, 2
 #: Short one-frame tasks a daemon may hold ahead of its running one under a backlog
 #: (``Scheduler(prefetch_depth=)``).
 PREFETCH_DEPTH = 8
-
-
-def _poll_briefly(poller: select.poll, seconds: float) -> list[tuple[int, int]]:
-    """``poller.poll(0)`` until something is ready or ``seconds`` pass (never blocks)."""
-    clock = time.perf_counter
-    deadline = clock() + seconds
-    while True:
-        ready = poller.poll(0)
-        if ready or clock() >= deadline:
-            return ready
 
 
 class Dispatcher:
@@ -347,7 +337,7 @@ class Dispatcher:
                 ready = []
                 if spin and fd >= 0:  # once: a short task's answer is near (see SPIN)
                     spin = 0.0
-                    ready = _poll_briefly(poller, SPIN)
+                    ready = poll_briefly(poller, SPIN)
                 if ready:
                     pass
                 elif deadline is None:
@@ -478,7 +468,7 @@ class Dispatcher:
                 else:
                     if obs and act[3] is not None and (rec := obs.get(act[3].id)) is not None:
                         _otel.sent(rec, d)
-                    if d.pace < SPIN and SPIN and d.local and not self.sched.queued:
+                    if d.pace < SPIN and d.local and not self.sched.queued:  # SPIN 0: never
                         self._spin_after(d)
             elif op == RESOLVE:
                 act[1]._resolve(act[2], act[3])

@@ -793,6 +793,16 @@ def _spin_seconds(default_us: float = 200.0) -> float:
 SPIN = _spin_seconds()
 
 
+def poll_briefly(poller: select.poll, seconds: float) -> list[tuple[int, int]]:
+    """``poller.poll(0)`` until something is ready or ``seconds`` pass (never blocks)."""
+    clock = time.perf_counter
+    deadline = clock() + seconds
+    while True:
+        ready = poller.poll(0)
+        if ready or clock() >= deadline:
+            return ready
+
+
 class BlockingChannel:
     """Daemon end of a socketpair: blocking send/recv, used by one thread."""
 
@@ -804,6 +814,8 @@ class BlockingChannel:
         # Seconds to poll for the next message before blocking (0: never); see recv.
         self.spin = 0.0
         self.spinning = True  # the last message came within ``spin``: poll for the next
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
 
     def recv(self) -> list[Any]:
         """Block until a message arrives.  Raises EOFError when the host is gone.
@@ -820,7 +832,7 @@ class BlockingChannel:
         spin = self.spin
         if spin:
             start = time.perf_counter()
-            if self.spinning and not self._poll_until(start + spin):
+            if self.spinning and not poll_briefly(self.poller, spin):
                 self.spinning = False
         while not self.ready:
             if not self.reader.pump(self.sock, self.ready, True):
@@ -828,14 +840,6 @@ class BlockingChannel:
         if spin and not self.spinning:
             self.spinning = time.perf_counter() - start < spin
         return self.ready.popleft()
-
-    def _poll_until(self, deadline: float) -> bool:
-        """True once the socket is readable, False at ``deadline`` (never blocks)."""
-        sel, sock, clock = select.select, self.sock, time.perf_counter
-        while not sel((sock,), (), (), 0)[0]:
-            if clock() >= deadline:
-                return False
-        return True
 
     def poll(self, timeout: float | None) -> bool:
         """True if a message can be received within ``timeout`` seconds."""

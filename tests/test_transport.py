@@ -305,17 +305,19 @@ def test_spin_polls_while_messages_come_soon_and_stops_after_a_long_gap(
     tx = BlockingChannel(a)
     rx.spin = 0.001
     polls: list[bool] = []
-    real_select = T.select.select
+    real_poll_briefly = T.poll_briefly
 
-    def select(r: Any, w: Any, x: Any, timeout: float | None = None) -> Any:
-        if timeout == 0:  # a poll from _poll_until: report what the test decides
-            polls.append(True)
-            return ([], [], []) if not readable[0] else real_select(r, w, x, 0)
-        return real_select(r, w, x, timeout)
+    def poll_briefly(poller: Any, seconds: float) -> Any:
+        """The polling: what the test decides; nothing found uses up the window."""
+        polls.append(True)
+        if readable[0]:
+            return real_poll_briefly(poller, 0.0)
+        clock.t += seconds
+        return []
 
     readable = [False]
-    monkeypatch.setattr(T.select, "select", select)
-    clock = _Clock(step=0.0004)  # three readings pass the 1 ms of spin
+    monkeypatch.setattr(T, "poll_briefly", poll_briefly)
+    clock = _Clock(step=0.0004)
     monkeypatch.setattr(T.time, "perf_counter", clock)
 
     # 1. nothing comes while polling: it gives up, blocks, and stops polling after
